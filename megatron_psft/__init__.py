@@ -1,0 +1,27 @@
+"""megatron-psft: Proximal Supervised Fine-Tuning (arXiv 2508.17784) on Megatron-Core."""
+
+from megatron_psft.logprobs import vocab_parallel_logprobs
+from megatron_psft.objectives import (
+    ObjectiveConfig,
+    dft_loss,
+    make_loss_func,
+    psft_loss,
+    psft_top_entropy_loss,
+    sft_kl_loss,
+    sft_loss,
+)
+from megatron_psft.metrics import reduce_metrics
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ObjectiveConfig",
+    "dft_loss",
+    "make_loss_func",
+    "psft_loss",
+    "psft_top_entropy_loss",
+    "reduce_metrics",
+    "sft_kl_loss",
+    "sft_loss",
+    "vocab_parallel_logprobs",
+]

@@ -1,0 +1,191 @@
+"""Training objectives: PSFT and the paper's baselines, per token, plus the Megatron loss function.
+
+Every objective returns ``(loss_sum, num_tokens, metrics)`` for one micro-batch: the loss summed over
+its response tokens and their count. Run with ``TransformerConfig.calculate_per_token_loss=True``,
+Megatron's schedule and ``finalize_model_grads`` then divide the summed gradients by the token count
+of the whole global batch (all micro-batches, all data-parallel ranks), so the result is a true token
+mean rather than a mean of micro-batch means. Metrics follow the conventions of
+:mod:`megatron_psft.metrics` so they reduce exactly across micro-batches and ranks.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from megatron_psft.logprobs import vocab_parallel_logprobs
+from megatron_psft.metrics import extreme_metric, mean_metric
+
+LOG_RATIO_LIMIT = 20.0
+OBJECTIVES = ("psft", "sft", "sft-kl", "dft", "psft-ent")
+
+LossOutput = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """Defaults are the paper's (arXiv 2508.17784, tables 6/11/13 and appendix C.2)."""
+
+    name: str = "psft"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_coef: float = 0.5
+    entropy_top_fraction: float = 0.2
+
+    def __post_init__(self):
+        if self.name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.name!r}; choose one of {OBJECTIVES}")
+        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
+            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if not 0 < self.entropy_top_fraction <= 1:
+            raise ValueError(f"entropy_top_fraction must lie in (0, 1], got {self.entropy_top_fraction}")
+
+    @property
+    def needs_old_logprobs(self) -> bool:
+        return self.name in ("psft", "psft-ent")
+
+    @property
+    def needs_reference_logprobs(self) -> bool:
+        return self.name == "sft-kl"
+
+
+def _masked_sum(values: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    mask = loss_mask.to(values.dtype)
+    return (values * mask).sum(), loss_mask.sum().to(torch.int)
+
+
+def _base_metrics(logprobs, loss_mask, entropy) -> Dict[str, torch.Tensor]:
+    metrics = {"logprob": mean_metric(logprobs.detach(), loss_mask)}
+    if entropy is not None:
+        metrics["entropy"] = mean_metric(entropy.detach(), loss_mask)
+    return metrics
+
+
+def psft_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: Optional[torch.Tensor],
+    loss_mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    entropy: Optional[torch.Tensor] = None,
+) -> LossOutput:
+    """PPO's clipped surrogate with the advantage fixed to 1: ``-min(r, clip(r, 1-eps_low, 1+eps_high))``.
+
+    With a positive advantage only the upper clip acts: a token's gradient is ``r * grad logp`` while
+    ``r <= 1 + eps_high`` and zero above it.
+    """
+    if old_logprobs is None:
+        raise ValueError("PSFT needs old_logprobs (the old policy's log-probs of the same tokens)")
+    if old_logprobs.shape != logprobs.shape or loss_mask.shape != logprobs.shape:
+        raise ValueError(
+            f"shapes differ: logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, "
+            f"loss_mask {tuple(loss_mask.shape)}"
+        )
+    log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = log_ratio.exp()
+    token_loss = -torch.minimum(ratio, ratio.clamp(1 - eps_low, 1 + eps_high))
+    loss_sum, num_tokens = _masked_sum(token_loss, loss_mask)
+
+    ratio = ratio.detach()
+    metrics = _base_metrics(logprobs, loss_mask, entropy)
+    metrics["clip_fraction"] = mean_metric((ratio > 1 + eps_high).float(), loss_mask)
+    metrics["ratio_mean"] = mean_metric(ratio, loss_mask)
+    metrics["ratio_min"] = extreme_metric(ratio, loss_mask, "min")
+    metrics["ratio_max"] = extreme_metric(ratio, loss_mask, "max")
+    # k3 estimator of KL(old || new): non-negative, unbiased under the old policy.
+    metrics["approx_kl"] = mean_metric(ratio - 1 - log_ratio.detach(), loss_mask)
+    return loss_sum, num_tokens, metrics
+
+
+def sft_loss(logprobs, loss_mask, entropy=None) -> LossOutput:
+    """Negative log-likelihood of the response tokens."""
+    loss_sum, num_tokens = _masked_sum(-logprobs, loss_mask)
+    return loss_sum, num_tokens, _base_metrics(logprobs, loss_mask, entropy)
+
+
+def sft_kl_loss(logprobs, reference_logprobs, loss_mask, kl_coef=0.5, entropy=None) -> LossOutput:
+    """SFT plus ``kl_coef`` times a per-token KL(policy || frozen reference), k3 estimator on the data tokens."""
+    if reference_logprobs is None:
+        raise ValueError("sft-kl needs reference_logprobs (a frozen reference model's log-probs)")
+    log_ratio = (reference_logprobs.detach() - logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    kl = log_ratio.exp() - 1 - log_ratio
+    loss_sum, num_tokens = _masked_sum(-logprobs + kl_coef * kl, loss_mask)
+    metrics = _base_metrics(logprobs, loss_mask, entropy)
+    metrics["reference_kl"] = mean_metric(kl.detach(), loss_mask)
+    return loss_sum, num_tokens, metrics
+
+
+def dft_loss(logprobs, loss_mask, entropy=None) -> LossOutput:
+    """Dynamic Fine-Tuning: ``-sg(p) * log p``, each token's NLL weighted by its own probability."""
+    loss_sum, num_tokens = _masked_sum(-logprobs.detach().exp() * logprobs, loss_mask)
+    return loss_sum, num_tokens, _base_metrics(logprobs, loss_mask, entropy)
+
+
+def top_entropy_mask(entropy: torch.Tensor, loss_mask: torch.Tensor, top_fraction: float) -> torch.Tensor:
+    """The `top_fraction` highest-entropy response tokens of this micro-batch (at least one, if any)."""
+    mask = loss_mask.bool()
+    count = int(mask.sum())
+    if count == 0:
+        return mask
+    keep = max(1, round(top_fraction * count))
+    threshold = entropy.detach()[mask].topk(keep).values[-1]
+    return mask & (entropy.detach() >= threshold)
+
+
+def psft_top_entropy_loss(
+    logprobs, old_logprobs, loss_mask, entropy, top_fraction=0.2, eps_low=0.2, eps_high=0.28
+) -> LossOutput:
+    """PSFT on the highest-entropy fraction of response tokens only (PSFT-Ent, appendix C.2)."""
+    if entropy is None:
+        raise ValueError("psft-ent needs the per-token entropy")
+    selected = top_entropy_mask(entropy, loss_mask, top_fraction)
+    loss_sum, num_tokens, metrics = psft_loss(logprobs, old_logprobs, selected, eps_low, eps_high, entropy)
+    metrics["entropy"] = mean_metric(entropy.detach(), loss_mask)  # over all response tokens, as elsewhere
+    metrics["selected_fraction"] = mean_metric(selected.float(), loss_mask)
+    return loss_sum, num_tokens, metrics
+
+
+def objective_loss(
+    config: ObjectiveConfig,
+    logprobs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    entropy: Optional[torch.Tensor] = None,
+    old_logprobs: Optional[torch.Tensor] = None,
+    reference_logprobs: Optional[torch.Tensor] = None,
+) -> LossOutput:
+    """Dispatch to the objective named by `config`."""
+    if config.name == "psft":
+        return psft_loss(logprobs, old_logprobs, loss_mask, config.eps_low, config.eps_high, entropy)
+    if config.name == "psft-ent":
+        return psft_top_entropy_loss(
+            logprobs, old_logprobs, loss_mask, entropy, config.entropy_top_fraction, config.eps_low, config.eps_high
+        )
+    if config.name == "sft":
+        return sft_loss(logprobs, loss_mask, entropy)
+    if config.name == "sft-kl":
+        return sft_kl_loss(logprobs, reference_logprobs, loss_mask, config.kl_coef, entropy)
+    return dft_loss(logprobs, loss_mask, entropy)
+
+
+def make_loss_func(
+    config: ObjectiveConfig,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    vocab_size: int,
+    old_logprobs: Optional[torch.Tensor] = None,
+    reference_logprobs: Optional[torch.Tensor] = None,
+    old_is_current: bool = False,
+) -> Callable[[torch.Tensor], LossOutput]:
+    """The ``loss_func`` a Megatron ``forward_step`` returns for one micro-batch.
+
+    It receives the last pipeline stage's output, the vocab-parallel logits ``[b, s, V/tp]``.
+    `old_is_current` marks the first step of an old-policy round: the weights still equal the old
+    policy's, so the training forward's own log-probs (detached) are the old ones, exactly.
+    """
+
+    def loss_func(logits: torch.Tensor) -> LossOutput:
+        logprobs, entropy = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size, with_entropy=True)
+        old = logprobs.detach() if old_is_current else old_logprobs
+        return objective_loss(config, logprobs, loss_mask, entropy, old, reference_logprobs)
+
+    return loss_func

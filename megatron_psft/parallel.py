@@ -1,0 +1,126 @@
+"""Parallel-group plumbing: process group start-up, Megatron-Core model parallelism, and the groups
+the rest of the package reduces over. Nothing else in the package calls ``parallel_state`` directly
+for set-up."""
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Megatron's parallel sizes. Data parallelism is whatever the world size leaves over."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    expert_tensor: Optional[int] = None  # None: same as `tensor`
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        if self.expert > 1 and self.tensor > 1 and not self.sequence_parallel:
+            raise ValueError("MoE with tensor parallelism needs sequence parallelism (--sequence-parallel)")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ValueError("sequence parallelism needs tensor parallelism > 1")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tensor * self.pipeline * self.context
+        if world_size % model_parallel:
+            raise ValueError(f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}")
+        return world_size // model_parallel
+
+
+def use_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def init_process_group(timeout_minutes: int = 30) -> None:
+    """Start torch.distributed from torchrun's environment (a single process when there is none)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if use_cpu():
+        from megatron_psft import cpu_compat
+
+        cpu_compat.apply()
+        backend = "gloo"
+    else:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        backend = "nccl"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
+    """Create Megatron-Core's parallel groups for `layout` and seed every RNG Megatron uses."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    init_process_group()
+    layout.data_parallel_size(dist.get_world_size())
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        expert_model_parallel_size=layout.expert,
+        expert_tensor_parallel_size=layout.expert_tensor,
+        context_parallel_size=layout.context,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down the model-parallel groups (the process group stays, so another layout can follow)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def tensor_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def data_group():
+    """Ranks that hold different data: PSFT's token-mean and every metric reduce over these."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def pipeline_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_group()
+
+
+def is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def is_first_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+
+
+def device() -> torch.device:
+    return torch.device("cpu") if use_cpu() else torch.device("cuda", torch.cuda.current_device())
+
+
+def print_rank_last(*args) -> None:
+    """Print on the last rank, which is on the last pipeline stage where losses live."""
+    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+        print(*args, flush=True)
