@@ -71,7 +71,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         grad_logits = torch.zeros_like(logits)
         for start in range(0, log_normalizer.numel(), ctx.chunk_tokens):
             chunk = slice(start, start + ctx.chunk_tokens)
-            log_p = logits[chunk, :valid_columns].float().sub_(log_normalizer[chunk, None])
+            # Out of place: .float() aliases fp32 logits, which belong to the caller.
+            log_p = logits[chunk, :valid_columns].float() - log_normalizer[chunk, None]
             probs = log_p.exp()
             if use_entropy_grad:
                 coeff = log_p.add_(entropy[0][chunk, None]).mul_(grad_entropy[chunk, None])

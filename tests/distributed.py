@@ -1,0 +1,56 @@
+"""Run a function on N local gloo processes and bring back each rank's return value.
+
+Process launches cost ~10-25 s on two cores, so each test module makes one launch that runs all its
+layouts (creating and destroying Megatron's model-parallel groups between them) and asserts on the
+returned results in ordinary pytest functions.
+"""
+
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        from megatron_psft import parallel
+
+        parallel.init_process_group(timeout_minutes=5)
+        queue.put((rank, "ok", fn(*args)))
+    except BaseException:  # report every failure to the parent, with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+        raise
+
+
+def run_distributed(world_size, fn, *args):
+    """`fn(*args)` on `world_size` gloo ranks; returns the list of per-rank results, rank order.
+
+    `fn` must be a module-level function (it is pickled to spawned processes)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, queue),
+                           nprocs=world_size, join=True, start_method="spawn")
+    except mp.ProcessRaisedException:
+        pass  # the traceback comes through the queue
+    results = {}
+    while not queue.empty():
+        rank, status, value = queue.get()
+        if status == "error":
+            raise AssertionError(f"rank {rank} failed:\n{value}")
+        results[rank] = value
+    assert len(results) == world_size, f"only ranks {sorted(results)} reported"
+    return [results[r] for r in range(world_size)]
