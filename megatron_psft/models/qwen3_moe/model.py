@@ -1,0 +1,180 @@
+"""Build Megatron-Core's ``GPTModel`` for Qwen3 / Qwen3-MoE.
+
+On GPU the Transformer Engine layer spec (fused norms, grouped-GEMM experts) is used, so FP8 works;
+on CPU the local spec. Both compute the same function and share one checkpoint format.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_psft.models.qwen3_moe.args import Qwen3MoeArgs
+from megatron_psft.parallel import ParallelLayout, use_cpu
+
+
+@functools.lru_cache(maxsize=None)
+def use_transformer_engine() -> bool:
+    if use_cpu():
+        return False  # TE does not import without a GPU (and breaks megatron.core there)
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = 128) -> int:
+    """Megatron's padding: a multiple of ``divisible_by * TP`` (padding never enters the softmax)."""
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(
+    args: Qwen3MoeArgs,
+    layout: ParallelLayout,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    fp8: Optional[str] = None,
+    fp8_recipe: str = "delayed",
+    moe_token_dispatcher: str = "alltoall",
+    moe_grouped_gemm: Optional[bool] = None,
+    moe_aux_loss_coeff: Optional[float] = None,
+    routing_replay: bool = False,
+    recompute_granularity: Optional[str] = None,
+    recompute_modules: Optional[list] = None,
+    **overrides,
+):
+    """The ``TransformerConfig`` for `args` under `layout`. `overrides` go to TransformerConfig as is."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = not use_cpu()
+    te = use_transformer_engine()
+    if fp8 and not te:
+        raise ValueError("FP8 needs Transformer Engine on a GPU")
+    if args.is_moe and args.num_experts % layout.expert:
+        raise ValueError(f"{args.num_experts} experts do not divide over EP={layout.expert}")
+    if args.num_kv_heads % layout.tensor:
+        raise ValueError(f"{args.num_kv_heads} KV heads do not divide over TP={layout.tensor}")
+    if args.num_layers % (layout.pipeline * (layout.virtual_pipeline or 1)):
+        raise ValueError(f"{args.num_layers} layers do not divide over PP={layout.pipeline} x VPP={layout.virtual_pipeline}")
+    moe = {}
+    if args.is_moe:
+        moe = dict(
+            num_moe_experts=args.num_experts,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+            moe_router_topk=args.moe_top_k,
+            # HF: softmax over all experts, top-k, renormalise if norm_topk_prob. Megatron computes the
+            # renormalised form as top-k then softmax (pre_softmax=False), the plain one as pre-softmax.
+            moe_router_pre_softmax=not args.norm_topk_prob,
+            moe_router_score_function="softmax",
+            moe_router_dtype="fp32",  # HF routes in fp32
+            moe_router_load_balancing_type="aux_loss",
+            moe_aux_loss_coeff=args.router_aux_loss_coef if moe_aux_loss_coeff is None else moe_aux_loss_coeff,
+            moe_token_dispatcher_type=moe_token_dispatcher,
+            moe_grouped_gemm=te if moe_grouped_gemm is None else moe_grouped_gemm,
+            moe_permute_fusion=te,
+            moe_enable_routing_replay=routing_replay,
+        )
+    fp8_settings = dict(fp8=fp8, fp8_recipe=fp8_recipe) if fp8 else {}
+    recompute = {}
+    if recompute_granularity:
+        recompute = dict(recompute_granularity=recompute_granularity)
+        if recompute_modules:
+            recompute["recompute_modules"] = recompute_modules
+    config = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_kv_heads,
+        kv_channels=args.head_dim,
+        ffn_hidden_size=args.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=args.initializer_range,
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        expert_model_parallel_size=layout.expert,
+        expert_tensor_parallel_size=layout.expert_tensor or layout.tensor,
+        context_parallel_size=layout.context,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels need CUDA (and apex/TE); the CPU path runs the reference implementations.
+        gradient_accumulation_fusion=te,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=te,
+        persist_layer_norm=False,
+        calculate_per_token_loss=True,  # PSFT's token mean over the whole global batch
+        **moe,
+        **fp8_settings,
+        **recompute,
+    )
+    config.update(overrides)
+    return TransformerConfig(**config)
+
+
+def layer_spec(config):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=True
+        )
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
+    )
+
+
+def build_model(args: Qwen3MoeArgs, config, pre_process: bool, post_process: bool, vp_stage: Optional[int] = None,
+                make_vocab_size_divisible_by: int = 128):
+    """One pipeline stage (or virtual-pipeline chunk) of the model, on this rank's device."""
+    from megatron.core.models.gpt import GPTModel
+
+    kwargs = {} if vp_stage is None else {"vp_stage": vp_stage}
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=padded_vocab_size(args.vocab_size, config.tensor_model_parallel_size, make_vocab_size_divisible_by),
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=args.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(args.rope_theta),
+        **kwargs,
+    )
+    if not use_cpu():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def build_model_chunks(args: Qwen3MoeArgs, config, make_vocab_size_divisible_by: int = 128):
+    """This rank's model chunks: one per virtual pipeline stage (one in all without VPP)."""
+    from megatron.core import parallel_state
+
+    chunks = config.virtual_pipeline_model_parallel_size or 1
+    models = []
+    for vp_stage in range(chunks):
+        vp = vp_stage if chunks > 1 else None
+        models.append(build_model(
+            args, config,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        ))
+    return models
