@@ -1,9 +1,9 @@
 """Step metrics that reduce exactly across micro-batches and data-parallel ranks.
 
-A metric is a tensor in one of two forms: a mean is ``[sum, count]`` (from :func:`mean_metric`), so
+A metric is a tensor in one of three forms: a mean is ``[sum, count]`` (from :func:`mean_metric`), so
 means combine by summing both parts, never by averaging averages; an extreme is a scalar whose name
 ends in ``_min`` or ``_max`` (from :func:`extreme_metric`), holding the identity (+inf / -inf) when no
-token contributed.
+token contributed; a total is a scalar whose name ends in ``_total``, summed.
 """
 
 from typing import Dict, List, Optional
@@ -26,7 +26,10 @@ def extreme_metric(values: torch.Tensor, mask: torch.Tensor, kind: str) -> torch
 
 
 def _kind(name: str) -> str:
-    return "min" if name.endswith("_min") else "max" if name.endswith("_max") else "mean"
+    for kind in ("min", "max", "total"):
+        if name.endswith("_" + kind):
+            return kind
+    return "mean"
 
 
 def reduce_metrics(
@@ -42,10 +45,11 @@ def reduce_metrics(
     for name in names:
         values = torch.stack([m[name].detach().float().cpu() for m in per_microbatch if name in m])
         kind = _kind(name)
-        totals[name] = values.sum(0) if kind == "mean" else values.min() if kind == "min" else values.max()
+        totals[name] = values.min() if kind == "min" else values.max() if kind == "max" else values.sum(0)
     if group is not None and dist.get_world_size(group) > 1:
         device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        for kind, op in (("mean", dist.ReduceOp.SUM), ("min", dist.ReduceOp.MIN), ("max", dist.ReduceOp.MAX)):
+        for kind, op in (("mean", dist.ReduceOp.SUM), ("total", dist.ReduceOp.SUM), ("min", dist.ReduceOp.MIN),
+                         ("max", dist.ReduceOp.MAX)):
             chosen = [n for n in names if _kind(n) == kind]
             if chosen:
                 flat = torch.cat([totals[n].reshape(-1) for n in chosen]).to(device)
@@ -56,6 +60,8 @@ def reduce_metrics(
     for name, total in totals.items():
         if _kind(name) == "mean":
             result[name] = float(total[0] / total[1]) if total[1] > 0 else None
+        elif _kind(name) == "total":
+            result[name] = float(total)
         else:
             result[name] = float(total) if torch.isfinite(total) else None
     return result

@@ -49,16 +49,19 @@ class ObjectiveConfig:
         return self.name == "sft-kl"
 
 
-def _masked_sum(values: torch.Tensor, loss_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    mask = loss_mask.to(values.dtype)
-    return (values * mask).sum(), loss_mask.sum().to(torch.int)
-
-
-def _base_metrics(logprobs, loss_mask, entropy) -> Dict[str, torch.Tensor]:
-    metrics = {"logprob": mean_metric(logprobs.detach(), loss_mask)}
+def _loss_output(token_loss, logprobs, loss_mask, entropy, **extra_metrics) -> LossOutput:
+    """Sum the per-token loss over the response tokens; attach the metrics every objective reports."""
+    mask = loss_mask.to(token_loss.dtype)
+    loss_sum, num_tokens = (token_loss * mask).sum(), loss_mask.sum().to(torch.int)
+    metrics = {
+        "loss": torch.stack([loss_sum.detach(), mask.sum()]),
+        "logprob": mean_metric(logprobs.detach(), loss_mask),
+        "trained_tokens_total": mask.sum(),
+    }
     if entropy is not None:
         metrics["entropy"] = mean_metric(entropy.detach(), loss_mask)
-    return metrics
+    metrics.update(extra_metrics)
+    return loss_sum, num_tokens, metrics
 
 
 def psft_loss(
@@ -84,23 +87,21 @@ def psft_loss(
     log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = log_ratio.exp()
     token_loss = -torch.minimum(ratio, ratio.clamp(1 - eps_low, 1 + eps_high))
-    loss_sum, num_tokens = _masked_sum(token_loss, loss_mask)
-
     ratio = ratio.detach()
-    metrics = _base_metrics(logprobs, loss_mask, entropy)
-    metrics["clip_fraction"] = mean_metric((ratio > 1 + eps_high).float(), loss_mask)
-    metrics["ratio_mean"] = mean_metric(ratio, loss_mask)
-    metrics["ratio_min"] = extreme_metric(ratio, loss_mask, "min")
-    metrics["ratio_max"] = extreme_metric(ratio, loss_mask, "max")
-    # k3 estimator of KL(old || new): non-negative, unbiased under the old policy.
-    metrics["approx_kl"] = mean_metric(ratio - 1 - log_ratio.detach(), loss_mask)
-    return loss_sum, num_tokens, metrics
+    return _loss_output(
+        token_loss, logprobs, loss_mask, entropy,
+        clip_fraction=mean_metric((ratio > 1 + eps_high).float(), loss_mask),
+        ratio_mean=mean_metric(ratio, loss_mask),
+        ratio_min=extreme_metric(ratio, loss_mask, "min"),
+        ratio_max=extreme_metric(ratio, loss_mask, "max"),
+        # k3 estimator of KL(old || new): non-negative, unbiased under the old policy.
+        approx_kl=mean_metric(ratio - 1 - log_ratio.detach(), loss_mask),
+    )
 
 
 def sft_loss(logprobs, loss_mask, entropy=None) -> LossOutput:
     """Negative log-likelihood of the response tokens."""
-    loss_sum, num_tokens = _masked_sum(-logprobs, loss_mask)
-    return loss_sum, num_tokens, _base_metrics(logprobs, loss_mask, entropy)
+    return _loss_output(-logprobs, logprobs, loss_mask, entropy)
 
 
 def sft_kl_loss(logprobs, reference_logprobs, loss_mask, kl_coef=0.5, entropy=None) -> LossOutput:
@@ -109,16 +110,13 @@ def sft_kl_loss(logprobs, reference_logprobs, loss_mask, kl_coef=0.5, entropy=No
         raise ValueError("sft-kl needs reference_logprobs (a frozen reference model's log-probs)")
     log_ratio = (reference_logprobs.detach() - logprobs).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     kl = log_ratio.exp() - 1 - log_ratio
-    loss_sum, num_tokens = _masked_sum(-logprobs + kl_coef * kl, loss_mask)
-    metrics = _base_metrics(logprobs, loss_mask, entropy)
-    metrics["reference_kl"] = mean_metric(kl.detach(), loss_mask)
-    return loss_sum, num_tokens, metrics
+    return _loss_output(-logprobs + kl_coef * kl, logprobs, loss_mask, entropy,
+                        reference_kl=mean_metric(kl.detach(), loss_mask))
 
 
 def dft_loss(logprobs, loss_mask, entropy=None) -> LossOutput:
     """Dynamic Fine-Tuning: ``-sg(p) * log p``, each token's NLL weighted by its own probability."""
-    loss_sum, num_tokens = _masked_sum(-logprobs.detach().exp() * logprobs, loss_mask)
-    return loss_sum, num_tokens, _base_metrics(logprobs, loss_mask, entropy)
+    return _loss_output(-logprobs.detach().exp() * logprobs, logprobs, loss_mask, entropy)
 
 
 def top_entropy_mask(entropy: torch.Tensor, loss_mask: torch.Tensor, top_fraction: float) -> torch.Tensor:

@@ -1,0 +1,143 @@
+"""Save and resume training with Megatron-Core's ``dist_checkpointing``.
+
+Layout of a checkpoint root (shared with ``checkpoint_convert``)::
+
+    ROOT/latest_checkpointed_iteration.txt      written last, only once a checkpoint is complete
+    ROOT/iter_0000042/                          a torch_dist checkpoint:
+        {"model": ..., "optimizer": ..., "scheduler": ..., "trainer_state": ...}
+        hf_config.json                          the model's HF config, so the checkpoint stands alone
+        rank_state/rank_00003.pt                per-rank state: RNG, and the old-policy round
+
+The model part is layout-free (global tensors), so a checkpoint loads at any TP / PP / EP / ETP;
+the optimizer part is saved ``dp_reshardable`` and resumes at the layout it was saved with.
+A checkpoint is written to ``iter_*.incomplete`` and renamed into place once every rank has
+finished, so nothing half-written ever looks like a checkpoint.
+"""
+
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+HF_CONFIG_FILE = "hf_config.json"
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    path = os.path.join(root, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return int(f.read().strip())
+
+
+def resolve(root_or_iteration_dir: str, iteration: Optional[int] = None) -> str:
+    """The ``iter_*`` directory to load from a root (its latest, or `iteration`) or an ``iter_*`` path."""
+    if os.path.isfile(os.path.join(root_or_iteration_dir, "metadata.json")):
+        return root_or_iteration_dir
+    iteration = latest_iteration(root_or_iteration_dir) if iteration is None else iteration
+    if iteration is None:
+        raise FileNotFoundError(f"no complete checkpoint in {root_or_iteration_dir} (no {LATEST_FILE})")
+    path = iteration_dir(root_or_iteration_dir, iteration)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} is missing")
+    return path
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
+    """One chunk's state dict as is; virtual-pipeline chunks side by side (their tensor keys are global)."""
+    if len(model_chunks) == 1:
+        return _unwrap(model_chunks[0]).sharded_state_dict()
+    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def _load_model_state(model_chunks, state) -> None:
+    if len(model_chunks) == 1:
+        _unwrap(model_chunks[0]).load_state_dict(state, strict=True)
+    else:
+        for i, chunk in enumerate(model_chunks):
+            _unwrap(chunk).load_state_dict(state[f"chunk{i}"], strict=True)
+
+
+def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=None, scheduler=None,
+         trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None) -> str:
+    """Save a complete checkpoint (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, iteration)
+    staging = final + ".incomplete"
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(os.path.join(staging, "rank_state"))
+    dist.barrier()
+
+    model_state = model_sharded_state_dict(model_chunks)
+    state = {"model": model_state}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_SHARDING)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if trainer_state is not None:
+        state["trainer_state"] = trainer_state
+    dist_checkpointing.save(state, staging)
+    if rank_state is not None:
+        torch.save(rank_state, os.path.join(staging, "rank_state", f"rank_{dist.get_rank():05d}.pt"))
+    dist.barrier()
+
+    if dist.get_rank() == 0:
+        with open(os.path.join(staging, HF_CONFIG_FILE), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        latest_tmp = os.path.join(root, LATEST_FILE + ".tmp")
+        with open(latest_tmp, "w") as f:
+            f.write(str(iteration))
+        os.replace(latest_tmp, os.path.join(root, LATEST_FILE))
+    dist.barrier()
+    return final
+
+
+def load_model(path: str, model_chunks) -> None:
+    """Load only the model weights (a converted HF checkpoint, or a training checkpoint), any layout."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model_chunks)}, resolve(path))
+    _load_model_state(model_chunks, loaded["model"])
+
+
+def load_training_state(path: str, model_chunks, optimizer, scheduler) -> tuple:
+    """Resume: model, optimizer and scheduler in place; returns (trainer_state, this rank's rank_state)."""
+    from megatron.core import dist_checkpointing
+
+    directory = resolve(path)
+    model_state = model_sharded_state_dict(model_chunks)
+    request = {
+        "model": model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_SHARDING),
+    }
+    loaded = dist_checkpointing.load(request, directory)  # common entries (scheduler, trainer_state) come too
+    _load_model_state(model_chunks, loaded["model"])
+    with torch.no_grad():  # fp32 main params are the model's leaf params
+        optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    rank_file = os.path.join(directory, "rank_state", f"rank_{dist.get_rank():05d}.pt")
+    if not os.path.isfile(rank_file):
+        raise FileNotFoundError(f"{rank_file} is missing: resume with the world size the checkpoint was saved with")
+    return loaded["trainer_state"], torch.load(rank_file, weights_only=False)
+
+
+def read_hf_config(path: str) -> dict:
+    with open(os.path.join(resolve(path), HF_CONFIG_FILE)) as f:
+        return json.load(f)

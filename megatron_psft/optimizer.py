@@ -1,0 +1,88 @@
+"""Megatron-Core's DDP, (distributed) Adam and learning-rate / weight-decay scheduler, wired up."""
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Defaults are the paper's PSFT settings (tables 6/11/13)."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    lr_warmup_steps: int = 10
+    lr_decay_steps: int = 0  # 0: decay over the whole run
+    lr_decay_style: str = "cosine"
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+
+
+def wrap_with_ddp(model_chunks, transformer_config, optim: OptimConfig) -> List[torch.nn.Module]:
+    """Wrap each chunk in Megatron's DDP and hand the schedule its grad hooks.
+
+    Gradients are summed, not averaged, in the collective: with ``calculate_per_token_loss`` the
+    schedule divides by the global token count instead.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=optim.overlap_grad_reduce,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    wrapped = [
+        DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=index > 0)
+        for index, chunk in enumerate(model_chunks)
+    ]
+    transformer_config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [chunk.no_sync for chunk in wrapped]
+    transformer_config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+    return wrapped
+
+
+def build_optimizer(model_chunks, optim: OptimConfig, params_dtype: torch.dtype, train_steps: int):
+    """Adam over the DDP-wrapped chunks and its scheduler (linear warm-up, then `lr_decay_style`)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2,
+            adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad,
+            bf16=params_dtype == torch.bfloat16,
+            params_dtype=params_dtype,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+        ),
+        model_chunks,
+    )
+    warmup = min(optim.lr_warmup_steps, max(train_steps - 1, 0))
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=max(optim.lr_decay_steps or train_steps, warmup + 1),
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(train_steps, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
