@@ -1,0 +1,163 @@
+"""One PSFT step on a tiny Qwen3-shaped GPT-MoE gives the same loss and gradient norm at every layout,
+and equals a naive float64 full-vocabulary computation of the global token mean.
+
+All layouts run in one 4-rank launch. The weights are saved once with dist_checkpointing and loaded
+at each layout. The MoE load-balancing loss is switched off here: Megatron defines it per
+micro-batch, so it legitimately changes with the micro-batch split.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from distributed import run_distributed
+
+SEQ, GLOBAL_BATCH = 16, 8
+LAYOUTS = {
+    # name: (layout kwargs, micro-batch size)
+    "tp1_dp4": (dict(), 1),
+    "tp2_sp_dp2": (dict(tensor=2, sequence_parallel=True), 2),
+    "tp2_ep2_sp_dp2": (dict(tensor=2, expert=2, sequence_parallel=True), 1),
+    "pp2_dp2_4mb": (dict(pipeline=2), 1),
+    "tp2_sp_ep4_etp1": (dict(tensor=2, expert=4, expert_tensor=1, sequence_parallel=True), 2),
+}
+
+
+def global_batch(vocab):
+    """Fixed tokens; response spans of very different lengths, so DP ranks hold different token counts."""
+    g = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, vocab, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    loss_mask = torch.zeros(GLOBAL_BATCH, SEQ)
+    prompt_lengths = [2, 3, 1, 4, 14, 15, 12, 13]  # first half: long responses; second half: short ones
+    for i, start in enumerate(prompt_lengths):
+        loss_mask[i, start:] = 1
+    loss_mask[5, :] = 0  # a sample with no response tokens at all
+    old_shift = (torch.rand(GLOBAL_BATCH, SEQ, generator=g) - 0.5)  # old = logp - shift: ratios in [0.6, 1.65]
+    return dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=loss_mask,
+                position_ids=torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).contiguous()), old_shift
+
+
+def _micro_batches(batch, rows, micro_batch_size):
+    return [{k: v[i:i + micro_batch_size] for k, v in batch.items()} for i in range(rows.start, rows.stop, micro_batch_size)]
+
+
+def _run_layout(name, checkpoint_root, args, hf_config):
+    from megatron_psft import checkpoint, parallel
+    from megatron_psft.models.qwen3_moe import build_model_chunks, transformer_config
+    from megatron_psft.objectives import ObjectiveConfig
+    from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+    from megatron_psft.step import policy_logprobs, train_step
+
+    layout_kwargs, micro_batch_size = LAYOUTS[name]
+    layout = parallel.ParallelLayout(**layout_kwargs)
+    parallel.initialize(layout, seed=5)
+    config = transformer_config(args, layout, moe_aux_loss_coeff=0.0)
+    chunks = build_model_chunks(args, config)
+    checkpoint.load_model(checkpoint_root, chunks)
+    optim = OptimConfig(lr=1e-3, lr_warmup_steps=0, weight_decay=0.1, clip_grad=1.0)
+    chunks = wrap_with_ddp(chunks, config, optim)
+    optimizer, scheduler = build_optimizer(chunks, optim, torch.float32, train_steps=2)
+
+    from megatron.core import parallel_state
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    per_rank = GLOBAL_BATCH // dp_size
+    rows = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    batch, old_shift = global_batch(args.vocab_size)
+    micro_batches = _micro_batches(batch, rows, micro_batch_size)
+    current = policy_logprobs(chunks, micro_batches, args.vocab_size)
+    if current is not None:
+        for micro_batch, logprobs, start in zip(micro_batches, current, range(rows.start, rows.stop, micro_batch_size)):
+            micro_batch["old_logprobs"] = logprobs - old_shift[start:start + micro_batch_size]
+    steps = []
+    for _ in range(2):
+        result = train_step(chunks, optimizer, scheduler, micro_batches, ObjectiveConfig("psft"), args.vocab_size)
+        steps.append(dict(loss=result.metrics["loss"], grad_norm=result.grad_norm,
+                          clip_fraction=result.metrics["clip_fraction"], tokens=result.num_tokens))
+    local_tokens = int(batch["loss_mask"][rows.start:rows.stop].sum())
+    parallel.destroy()
+    return dict(steps=steps, local_tokens=local_tokens, dp_rank=dp_rank)
+
+
+def _naive_reference(checkpoint_root, args, hf_config):
+    """float64 forward of the whole global batch, full-vocab log_softmax, global token mean."""
+    from megatron_psft import checkpoint, parallel
+    from megatron_psft.models.qwen3_moe import build_model_chunks, transformer_config
+
+    layout = parallel.ParallelLayout()
+    parallel.initialize(layout, seed=5)
+    config = transformer_config(args, layout, moe_aux_loss_coeff=0.0, params_dtype=torch.float32)
+    (model,) = build_model_chunks(args, config)
+    checkpoint.load_model(checkpoint_root, [model])
+    model.double()
+    batch, old_shift = global_batch(args.vocab_size)
+    logits = model(batch["tokens"], batch["position_ids"], attention_mask=None)[..., :args.vocab_size]
+    logprobs = torch.log_softmax(logits.double(), -1).gather(-1, batch["labels"][..., None]).squeeze(-1)
+    ratio = torch.exp(logprobs - (logprobs - old_shift.double()))
+    token_loss = -torch.minimum(ratio, ratio.clamp(0.8, 1.28))
+    mask = batch["loss_mask"].double()
+    loss = float((token_loss * mask).sum() / mask.sum())
+    per_sample = [(token_loss[i] * mask[i]).sum() / mask[i].sum() for i in range(GLOBAL_BATCH) if mask[i].sum() > 0]
+    parallel.destroy()
+    return dict(loss=loss, mean_of_sample_means=float(torch.stack(per_sample).mean()))
+
+
+def _all_layouts(checkpoint_root):
+    from megatron_psft import checkpoint, parallel
+    from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
+
+    hf_config = load_hf_config("debug")
+    args = Qwen3MoeArgs.from_hf_config(hf_config)
+    parallel.initialize(parallel.ParallelLayout(), seed=5)
+    chunks = build_model_chunks(args, transformer_config(args, parallel.ParallelLayout()))
+    checkpoint.save(checkpoint_root, 0, chunks, hf_config)
+    parallel.destroy()
+
+    results = {"reference": _naive_reference(checkpoint_root, args, hf_config)}
+    for name in LAYOUTS:
+        results[name] = _run_layout(name, checkpoint_root, args, hf_config)
+    dist.barrier()
+    return results
+
+
+@pytest.fixture(scope="module")
+def per_rank(tmp_path_factory):
+    return run_distributed(4, _all_layouts, str(tmp_path_factory.mktemp("layouts")))
+
+
+def test_loss_and_grad_norm_agree_across_layouts(per_rank):
+    results = per_rank[-1]
+    base = results["tp1_dp4"]["steps"]
+    for name in LAYOUTS:
+        print(name, [(s["loss"], s["grad_norm"]) for s in results[name]["steps"]])
+    for name in LAYOUTS:
+        for step, (got, want) in enumerate(zip(results[name]["steps"], base)):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (name, step, got, want)
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), (name, step, got, want)
+            assert got["clip_fraction"] == want["clip_fraction"], (name, step)
+            assert got["tokens"] == want["tokens"]
+
+
+def test_every_rank_reports_the_same_step(per_rank):
+    for name in LAYOUTS:
+        assert all(r[name]["steps"] == per_rank[0][name]["steps"] for r in per_rank), name
+
+
+def test_first_step_is_the_global_token_mean_of_a_naive_float64_computation(per_rank):
+    reference = per_rank[0]["reference"]
+    first = per_rank[-1]["tp1_dp4"]["steps"][0]
+    assert first["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    # The aggregation bug this guards against would be visible: a mean of means is far off.
+    assert abs(reference["mean_of_sample_means"] - reference["loss"]) > 1e-3
+    assert 0 < first["clip_fraction"] < 1
+
+
+def test_data_parallel_ranks_held_different_token_counts(per_rank):
+    counts = {r["pp2_dp2_4mb"]["dp_rank"]: r["pp2_dp2_4mb"]["local_tokens"] for r in per_rank}
+    assert len(counts) == 2 and counts[0] != counts[1], counts
+
+
+def test_the_step_changed_the_loss(per_rank):
+    steps = per_rank[-1]["tp1_dp4"]["steps"]
+    assert steps[0]["loss"] != pytest.approx(steps[1]["loss"], rel=1e-6)
