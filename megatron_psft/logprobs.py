@@ -13,7 +13,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_TOKENS = 1024
+CHUNK_BUFFER_BYTES = 256 * 2**20  # per fp32 working buffer; 441 tokens at Qwen3's 151936-column vocab
+
+
+def default_chunk_tokens(columns: int) -> int:
+    return max(1, CHUNK_BUFFER_BYTES // (4 * columns))
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -34,11 +38,14 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         target_logit[in_slice] = real[rows[in_slice], local_labels[in_slice]].float()
         for start in range(0, labels.numel(), chunk_tokens):
             chunk = slice(start, start + chunk_tokens)
-            shifted = real[chunk].float() - logits_max[chunk, None]
-            exp = shifted.exp()
-            sum_exp[chunk] = exp.sum(dim=-1)
+            # A private fp32 copy: .float() would alias fp32 logits, which belong to the caller.
+            shifted = real[chunk].to(torch.float32, copy=True).sub_(logits_max[chunk, None])
             if with_entropy:
+                exp = shifted.exp()
+                sum_exp[chunk] = exp.sum(dim=-1)
                 stats[2, chunk] = shifted.mul_(exp).sum(dim=-1)
+            else:
+                sum_exp[chunk] = shifted.exp_().sum(dim=-1)
         if group is not None:
             dist.all_reduce(stats, group=group)
 
@@ -71,15 +78,14 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         grad_logits = torch.zeros_like(logits)
         for start in range(0, log_normalizer.numel(), ctx.chunk_tokens):
             chunk = slice(start, start + ctx.chunk_tokens)
-            # Out of place: .float() aliases fp32 logits, which belong to the caller.
-            log_p = logits[chunk, :valid_columns].float() - log_normalizer[chunk, None]
-            probs = log_p.exp()
+            log_p = logits[chunk, :valid_columns].to(torch.float32, copy=True).sub_(log_normalizer[chunk, None])
             if use_entropy_grad:
+                probs = log_p.exp()
                 coeff = log_p.add_(entropy[0][chunk, None]).mul_(grad_entropy[chunk, None])
-                coeff.add_(grad_logprobs[chunk, None])
+                probs.mul_(coeff.add_(grad_logprobs[chunk, None]))
             else:
-                coeff = grad_logprobs[chunk, None]
-            grad_logits[chunk, :valid_columns] = probs.mul_(coeff).neg_()
+                probs = log_p.exp_().mul_(grad_logprobs[chunk, None])
+            grad_logits[chunk, :valid_columns] = probs.neg_()
         rows = torch.nonzero(in_slice).squeeze(-1)
         grad_logits[rows, local_labels[rows]] += grad_logprobs[rows].to(grad_logits.dtype)
         return grad_logits, None, None, None, None, None, None
@@ -91,7 +97,7 @@ def vocab_parallel_logprobs(
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
     with_entropy: bool = False,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: Optional[int] = None,
 ):
     """Log-probability of `labels` (and the policy's entropy) from this rank's vocab slice of `logits`.
 
@@ -101,7 +107,7 @@ def vocab_parallel_logprobs(
         tp_group: the tensor-parallel group; defaults to Megatron's when it is initialised.
         vocab_size: the real vocabulary; columns past it (Megatron's padding) take no part.
         with_entropy: also return the full-vocabulary entropy per token.
-        chunk_tokens: tokens per fp32 working buffer.
+        chunk_tokens: tokens per fp32 working buffer (default: a 256 MiB buffer).
 
     Returns:
         fp32 ``logp [...]``, or ``(logp, entropy)`` with `with_entropy`. Both are differentiable.
@@ -136,7 +142,7 @@ def vocab_parallel_logprobs(
     valid_columns = max(0, min(columns, vocab_size - vocab_start))
     out = _VocabParallelLogprobs.apply(
         logits.reshape(-1, columns), labels.reshape(-1), tp_group, vocab_start, valid_columns,
-        with_entropy, chunk_tokens,
+        with_entropy, chunk_tokens or default_chunk_tokens(columns),
     )
     if with_entropy:
         return out[0].view(labels.shape), out[1].view(labels.shape)
