@@ -4,7 +4,8 @@ Layout of a checkpoint root (shared with ``checkpoint_convert``)::
 
     ROOT/latest_checkpointed_iteration.txt      written last, only once a checkpoint is complete
     ROOT/iter_0000042/                          a torch_dist checkpoint:
-        {"model": ..., "optimizer": ..., "scheduler": ..., "trainer_state": ...}
+        {"model": ..., "optimizer": ..., "scheduler": ..., "trainer_state": ...,
+         "frozen_policy": ...}                 (sft-kl's reference / a never-refreshed old policy)
         hf_config.json                          the model's HF config, so the checkpoint stands alone
         rank_state/rank_00003.pt                per-rank state: RNG, and the old-policy round
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 HF_CONFIG_FILE = "hf_config.json"
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+FROZEN_PREFIX = "frozen_policy."
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -56,23 +58,22 @@ def _unwrap(chunk):
     return chunk.module if hasattr(chunk, "module") else chunk
 
 
-def model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
-    """One chunk's state dict as is; virtual-pipeline chunks side by side (their tensor keys are global)."""
+def model_sharded_state_dict(model_chunks: List[torch.nn.Module], prefix: str = "") -> Dict[str, Any]:
+    """One chunk's state dict as is; virtual-pipeline chunks side by side (their tensor keys are global).
+    `prefix` keeps a second model's tensors (the frozen policy) apart from the trained one's."""
     if len(model_chunks) == 1:
-        return _unwrap(model_chunks[0]).sharded_state_dict()
-    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+        return _unwrap(model_chunks[0]).sharded_state_dict(prefix=prefix)
+    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict(prefix=prefix) for i, chunk in enumerate(model_chunks)}
 
 
-def _load_model_state(model_chunks, state) -> None:
-    if len(model_chunks) == 1:
-        _unwrap(model_chunks[0]).load_state_dict(state, strict=True)
-    else:
-        for i, chunk in enumerate(model_chunks):
-            _unwrap(chunk).load_state_dict(state[f"chunk{i}"], strict=True)
+def _load_model_state(model_chunks, state, prefix: str = "") -> None:
+    states = [state] if len(model_chunks) == 1 else [state[f"chunk{i}"] for i in range(len(model_chunks))]
+    for chunk, chunk_state in zip(model_chunks, states):
+        _unwrap(chunk).load_state_dict({k[len(prefix):]: v for k, v in chunk_state.items()}, strict=True)
 
 
 def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=None, scheduler=None,
-         trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None) -> str:
+         trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None, frozen_chunks=None) -> str:
     """Save a complete checkpoint (collective: every rank calls it)."""
     from megatron.core import dist_checkpointing
 
@@ -80,7 +81,7 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
     staging = final + ".incomplete"
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(os.path.join(staging, "rank_state"))
+        os.makedirs(staging)
     dist.barrier()
 
     model_state = model_sharded_state_dict(model_chunks)
@@ -91,8 +92,11 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
         state["scheduler"] = scheduler.state_dict()
     if trainer_state is not None:
         state["trainer_state"] = trainer_state
+    if frozen_chunks:
+        state["frozen_policy"] = model_sharded_state_dict(frozen_chunks, FROZEN_PREFIX)
     dist_checkpointing.save(state, staging)
     if rank_state is not None:
+        os.makedirs(os.path.join(staging, "rank_state"), exist_ok=True)
         torch.save(rank_state, os.path.join(staging, "rank_state", f"rank_{dist.get_rank():05d}.pt"))
     dist.barrier()
 
@@ -117,7 +121,7 @@ def load_model(path: str, model_chunks) -> None:
     _load_model_state(model_chunks, loaded["model"])
 
 
-def load_training_state(path: str, model_chunks, optimizer, scheduler) -> tuple:
+def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_chunks=None) -> tuple:
     """Resume: model, optimizer and scheduler in place; returns (trainer_state, this rank's rank_state)."""
     from megatron.core import dist_checkpointing
 
@@ -127,8 +131,12 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler) -> tuple:
         "model": model_state,
         "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_SHARDING),
     }
+    if frozen_chunks:
+        request["frozen_policy"] = model_sharded_state_dict(frozen_chunks, FROZEN_PREFIX)
     loaded = dist_checkpointing.load(request, directory)  # common entries (scheduler, trainer_state) come too
     _load_model_state(model_chunks, loaded["model"])
+    if frozen_chunks:
+        _load_model_state(frozen_chunks, loaded["frozen_policy"], FROZEN_PREFIX)
     with torch.no_grad():  # fp32 main params are the model's leaf params
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])

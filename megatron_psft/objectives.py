@@ -173,17 +173,26 @@ def make_loss_func(
     old_logprobs: Optional[torch.Tensor] = None,
     reference_logprobs: Optional[torch.Tensor] = None,
     old_is_current: bool = False,
+    token_histograms: bool = False,
 ) -> Callable[[torch.Tensor], LossOutput]:
     """The ``loss_func`` a Megatron ``forward_step`` returns for one micro-batch.
 
     It receives the last pipeline stage's output, the vocab-parallel logits ``[b, s, V/tp]``.
     `old_is_current` marks the first step of an old-policy round: the weights still equal the old
     policy's, so the training forward's own log-probs (detached) are the old ones, exactly.
+    `token_histograms` adds per-vocab-id counts of clipped and of all response tokens (PSFT only),
+    for the clipped-token report.
     """
 
     def loss_func(logits: torch.Tensor) -> LossOutput:
         logprobs, entropy = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size, with_entropy=True)
         old = logprobs.detach() if old_is_current else old_logprobs
-        return objective_loss(config, logprobs, loss_mask, entropy, old, reference_logprobs)
+        loss_sum, num_tokens, metrics = objective_loss(config, logprobs, loss_mask, entropy, old, reference_logprobs)
+        if token_histograms and config.needs_old_logprobs:
+            response = loss_mask.bool()
+            clipped = response & ((logprobs.detach() - old).exp() > 1 + config.eps_high)
+            metrics["clipped_token_counts_total"] = torch.bincount(labels[clipped], minlength=vocab_size).float()
+            metrics["response_token_counts_total"] = torch.bincount(labels[response], minlength=vocab_size).float()
+        return loss_sum, num_tokens, metrics
 
     return loss_func

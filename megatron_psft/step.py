@@ -49,7 +49,7 @@ def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
 
 
 def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], objective: ObjectiveConfig,
-               vocab_size: int) -> StepResult:
+               vocab_size: int, token_histograms: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches of one global batch, then one optimizer step.
 
     Each micro-batch dict holds ``tokens``, ``position_ids``, ``labels``, ``loss_mask`` and, as the
@@ -67,6 +67,7 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
             old_logprobs=micro_batch.get("old_logprobs"),
             reference_logprobs=micro_batch.get("reference_logprobs"),
             old_is_current=micro_batch.get("old_is_current", False),
+            token_histograms=token_histograms,
         )
 
     per_microbatch = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=False)

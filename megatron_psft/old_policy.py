@@ -1,0 +1,86 @@
+"""The old policy of PSFT: its refresh schedule and the log-probs it gives the training steps.
+
+Every `interval` optimizer steps a round starts: a forward-only pass with the current weights over
+the data of the round's steps keeps their log-probs as ``old_logprobs`` (on the last pipeline stage,
+where the loss needs them). The first step of a round needs no pass: its weights are the old
+policy, so the training forward's own log-probs are the old ones, exactly. With ``interval=None``
+the old policy is never refreshed: it stays the model as PSFT began (the paper's fixed-reference
+ablation), kept as a frozen copy.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+OLD_IS_CURRENT = "current"
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    interval: Optional[int]  # optimizer steps per round; None: never refresh
+    first_step: int = 0  # the first PSFT step (after any SFT warm-up)
+    reuse_first_step: bool = True
+
+    def __post_init__(self):
+        if self.interval is not None and self.interval < 1:
+            raise ValueError(f"old-policy interval must be >= 1 or 'never', got {self.interval}")
+
+    def round_start(self, step: int) -> int:
+        if self.interval is None:
+            return self.first_step
+        return self.first_step + (step - self.first_step) // self.interval * self.interval
+
+    def round_steps(self, step: int) -> range:
+        start = self.round_start(step)
+        return range(start, start + self.interval)
+
+    def old_is_current(self, step: int) -> bool:
+        return self.reuse_first_step and step == self.round_start(step)
+
+
+class OldPolicy:
+    """Old log-probs per step, per micro-batch: computed at round starts, handed out step by step.
+
+    ``compute(step)`` runs the forward-only pass of one step's micro-batches with the policy that is
+    current when called and returns their log-probs (None off the last stage).
+    """
+
+    def __init__(self, schedule: RoundSchedule):
+        self.schedule = schedule
+        self.logprobs: Dict[int, Optional[List[torch.Tensor]]] = {}
+        self.last_pass_seconds = 0.0
+        self.last_pass_steps = 0  # global batches the last for_step call ran forward-only
+
+    def for_step(self, step: int, compute: Callable[[int], Optional[List[torch.Tensor]]],
+                 compute_frozen: Optional[Callable[[int], Optional[List[torch.Tensor]]]] = None):
+        """The old log-probs of `step`, or OLD_IS_CURRENT; runs the round's pass when one is due."""
+        self.last_pass_seconds, self.last_pass_steps = 0.0, 0
+        if self.schedule.old_is_current(step):
+            self.logprobs.clear()
+            if self.schedule.interval is not None:
+                self._run_pass([s for s in self.schedule.round_steps(step) if s != step], compute)
+            return OLD_IS_CURRENT
+        if self.schedule.interval is None:
+            if compute_frozen is None:
+                raise ValueError("a never-refreshed old policy needs its frozen copy")
+            self._run_pass([step], compute_frozen)
+        elif step not in self.logprobs:
+            # A round start without reuse, or a resume whose checkpoint had no pass for this step.
+            self.logprobs.clear()
+            self._run_pass([s for s in self.schedule.round_steps(step) if s >= step], compute)
+        return self.logprobs.pop(step)
+
+    def _run_pass(self, steps: List[int], compute) -> None:
+        start = time.perf_counter()
+        for step in steps:
+            self.logprobs[step] = compute(step)
+        self.last_pass_seconds = time.perf_counter() - start
+        self.last_pass_steps = len(steps)
+
+    def state_dict(self) -> dict:
+        return {"logprobs": dict(self.logprobs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.logprobs = dict(state["logprobs"])

@@ -1,0 +1,358 @@
+"""The PSFT training entry point: ``torchrun ... -m megatron_psft.train [flags]``.
+
+One step reads top-down: this rank's share of the global batch -> (old-policy / reference log-probs
+when the objective needs them) -> :func:`megatron_psft.step.train_step` -> metrics -> checkpoint.
+Everything else (parallel groups, the model, the optimizer, checkpoints) comes from Megatron-Core.
+"""
+
+import argparse
+import os
+import time
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_psft import checkpoint, parallel
+from megatron_psft.data import SFTDataset, collate, global_batch_indices
+from megatron_psft.metrics import MetricsLogger, model_flops_per_token
+from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
+from megatron_psft.objectives import OBJECTIVES, ObjectiveConfig
+from megatron_psft.old_policy import OLD_IS_CURRENT, OldPolicy, RoundSchedule
+from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+from megatron_psft.step import policy_logprobs, train_step
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Proximal Supervised Fine-Tuning on Megatron-Core",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model and checkpoints")
+    model.add_argument("--hf-config", default="debug",
+                       help="HF config.json, HF model dir, or a bundled flavour (debug, 30b-a3b). "
+                            "Ignored when --pretrained-checkpoint or a resumable --load holds one")
+    model.add_argument("--pretrained-checkpoint", help="Megatron checkpoint (e.g. from checkpoint_convert.hf_to_megatron) to start from")
+    model.add_argument("--load", help="checkpoint root to resume from when it holds a complete checkpoint")
+    model.add_argument("--save", help="checkpoint root to save to")
+    model.add_argument("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
+    model.add_argument("--seed", type=int, default=1234)
+
+    par = parser.add_argument_group("parallelism")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    par.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
+    par.add_argument("--expert-model-parallel-size", type=int, default=1)
+    par.add_argument("--expert-tensor-parallel-size", type=int, default=None)
+    par.add_argument("--sequence-parallel", action="store_true")
+    par.add_argument("--no-distributed-optimizer", dest="use_distributed_optimizer", action="store_false")
+    par.add_argument("--overlap-grad-reduce", action="store_true")
+
+    prec = parser.add_argument_group("precision, MoE and recompute")
+    prec.add_argument("--params-dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    prec.add_argument("--fp8-format", choices=("hybrid", "e4m3"), default=None)
+    prec.add_argument("--fp8-recipe", choices=("delayed", "tensorwise", "mxfp8", "blockwise"), default="delayed")
+    prec.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "allgather"), default="alltoall")
+    prec.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
+                      help="default: on with Transformer Engine")
+    prec.add_argument("--moe-aux-loss-coeff", type=float, default=None, help="default: the HF config's router_aux_loss_coef")
+    prec.add_argument("--moe-router-replay", action="store_true",
+                      help="record MoE routing in the old-policy pass and replay it in training passes")
+    prec.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    prec.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    prec.add_argument("--recompute-num-layers", type=int, default=None)
+    prec.add_argument("--recompute-modules", nargs="+", default=None)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-prefix", required=True, help="output prefix of tools/preprocess_data.py")
+    data.add_argument("--seq-length", type=int, default=4096)
+    data.add_argument("--micro-batch-size", type=int, default=1)
+    data.add_argument("--global-batch-size", type=int, default=32, help="sequences per optimizer step (the paper's mini-batch)")
+
+    train = parser.add_argument_group("objective and schedule (defaults: the paper's PSFT settings)")
+    train.add_argument("--train-iters", type=int, required=True)
+    train.add_argument("--objective", choices=OBJECTIVES, default="psft")
+    train.add_argument("--eps-low", type=float, default=0.2)
+    train.add_argument("--eps-high", type=float, default=0.28)
+    train.add_argument("--kl-coef", type=float, default=0.5, help="sft-kl: weight of the KL to the frozen reference")
+    train.add_argument("--entropy-top-fraction", type=float, default=0.2, help="psft-ent: fraction of tokens trained")
+    train.add_argument("--old-policy-interval", default="8",
+                       help="optimizer steps per old-policy round (round batch / global batch), or 'never'")
+    train.add_argument("--no-first-step-reuse", dest="reuse_first_step", action="store_false",
+                       help="recompute the old log-probs of a round's first step instead of reusing the training forward's")
+    train.add_argument("--sft-warmup-steps", type=int, default=0, help="plain-SFT steps before the objective starts")
+    train.add_argument("--sft-warmup-lr", type=float, default=None, help="learning rate during the SFT warm-up (default --lr)")
+
+    opt = parser.add_argument_group("optimizer")
+    opt.add_argument("--lr", type=float, default=1e-6)
+    opt.add_argument("--min-lr", type=float, default=0.0)
+    opt.add_argument("--lr-warmup-iters", type=int, default=10)
+    opt.add_argument("--lr-decay-iters", type=int, default=0, help="0: the whole run")
+    opt.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
+    opt.add_argument("--weight-decay", type=float, default=0.1)
+    opt.add_argument("--clip-grad", type=float, default=1.0)
+    opt.add_argument("--adam-beta1", type=float, default=0.9)
+    opt.add_argument("--adam-beta2", type=float, default=0.95)
+    opt.add_argument("--adam-eps", type=float, default=1e-8)
+
+    log = parser.add_argument_group("logging")
+    log.add_argument("--metrics-file", help="JSONL file of per-step metrics (default: SAVE/metrics.jsonl)")
+    log.add_argument("--tensorboard-dir", default=None)
+    log.add_argument("--log-clipped-tokens", action="store_true",
+                     help="write per-step counts of clipped tokens to clipped_tokens.jsonl next to the metrics file")
+    args = parser.parse_args(argv)
+
+    args.old_policy_interval = None if args.old_policy_interval == "never" else int(args.old_policy_interval)
+    if args.params_dtype is None:
+        args.params_dtype = "fp32" if parallel.use_cpu() else "bf16"
+    if args.sft_warmup_steps >= args.train_iters and args.objective != "sft":
+        parser.error("--sft-warmup-steps must be smaller than --train-iters")
+    if args.metrics_file is None and args.save:
+        args.metrics_file = os.path.join(args.save, "metrics.jsonl")
+    return args
+
+
+class Trainer:
+    """Holds the policy, its optimizer, the old policy and the data position of one training run."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.layout = parallel.ParallelLayout(
+            tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
+            expert=args.expert_model_parallel_size, expert_tensor=args.expert_tensor_parallel_size,
+            virtual_pipeline=args.virtual_pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel)
+        parallel.initialize(self.layout, seed=args.seed)
+
+        resume_from = args.load if args.load and checkpoint.latest_iteration(args.load) is not None else None
+        config_source = resume_from or args.pretrained_checkpoint
+        self.hf_config = checkpoint.read_hf_config(config_source) if config_source else load_hf_config(args.hf_config)
+        self.model_args = Qwen3MoeArgs.from_hf_config(self.hf_config)
+        self.dataset = SFTDataset(args.data_prefix)
+        self._check_data()
+
+        params_dtype = DTYPES[args.params_dtype]
+        self.objective = ObjectiveConfig(args.objective, args.eps_low, args.eps_high, args.kl_coef, args.entropy_top_fraction)
+        self.transformer_config = transformer_config(
+            self.model_args, self.layout, params_dtype=params_dtype, fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
+            moe_token_dispatcher=args.moe_token_dispatcher_type, moe_grouped_gemm=args.moe_grouped_gemm,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff, routing_replay=args.moe_router_replay,
+            recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
+            **({"recompute_method": args.recompute_method, "recompute_num_layers": args.recompute_num_layers}
+               if args.recompute_method else {}))
+        chunks = build_model_chunks(self.model_args, self.transformer_config)
+        if args.pretrained_checkpoint and not resume_from:
+            checkpoint.load_model(args.pretrained_checkpoint, chunks)
+
+        # A frozen copy of the starting weights: sft-kl's reference, or the never-refreshed old policy.
+        needs_frozen = self.objective.needs_reference_logprobs or (
+            self.objective.needs_old_logprobs and args.old_policy_interval is None)
+        self.frozen = build_model_chunks(self.model_args, self.transformer_config) if needs_frozen else None
+        if self.frozen:
+            _copy_weights(chunks, self.frozen)
+
+        optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+                            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                            lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
+                            lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer,
+                            overlap_grad_reduce=args.overlap_grad_reduce)
+        self.model = wrap_with_ddp(chunks, self.transformer_config, optim)
+        self.optimizer, self.scheduler = build_optimizer(self.model, optim, params_dtype, args.train_iters)
+        self.old_policy = OldPolicy(RoundSchedule(args.old_policy_interval, args.sft_warmup_steps, args.reuse_first_step))
+        self.step = 0
+        if resume_from:
+            self._resume(resume_from)
+        self.flops_per_token = model_flops_per_token(self.model_args, args.seq_length)
+        self.logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, args.train_iters)
+        self.clipped_tokens_file = None
+        if args.log_clipped_tokens and self.logger.active and args.metrics_file:
+            self.clipped_tokens_file = open(os.path.join(os.path.dirname(os.path.abspath(args.metrics_file)),
+                                                         "clipped_tokens.jsonl"), "a")
+
+    def _check_data(self) -> None:
+        meta, args = self.dataset.meta, self.args
+        if meta["vocab_size"] > self.model_args.vocab_size:
+            raise ValueError(f"the data's tokenizer has {meta['vocab_size']} ids, the model only {self.model_args.vocab_size}")
+        if meta["seq_length"] > args.seq_length:
+            raise ValueError(f"data was preprocessed for --seq-length {meta['seq_length']} > {args.seq_length}")
+        if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
+            raise ValueError("--seq-length must be divisible by the tensor-parallel size under sequence parallelism")
+        dp = self.layout.data_parallel_size(dist.get_world_size())
+        if args.global_batch_size % (dp * args.micro_batch_size):
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                             f"data-parallel size {dp} x --micro-batch-size {args.micro_batch_size}")
+
+    # --- data ---------------------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> List[dict]:
+        """This data-parallel rank's share of global batch `step`, as micro-batches."""
+        from megatron.core import parallel_state
+
+        args = self.args
+        indices = global_batch_indices(len(self.dataset), args.global_batch_size, step, args.seed)
+        per_rank = args.global_batch_size // parallel_state.get_data_parallel_world_size()
+        rank = parallel_state.get_data_parallel_rank()
+        mine = indices[rank * per_rank:(rank + 1) * per_rank]
+        device = parallel.device()
+        return [
+            {k: v.to(device) for k, v in collate([self.dataset[i] for i in mine[start:start + args.micro_batch_size]],
+                                                  args.seq_length, self.dataset.meta["pad_id"]).items()}
+            for start in range(0, per_rank, args.micro_batch_size)
+        ]
+
+    def _logprobs_of_step(self, chunks, step):
+        return policy_logprobs(chunks, self.micro_batches(step), self.model_args.vocab_size)
+
+    # --- one step -----------------------------------------------------------------------------------
+    def train_one_step(self) -> dict:
+        args, step = self.args, self.step
+        in_warmup = step < args.sft_warmup_steps
+        objective = ObjectiveConfig("sft") if in_warmup else self.objective
+        start = time.perf_counter()
+        micro_batches = self.micro_batches(step)
+        old_policy_seconds = 0.0
+        if objective.needs_old_logprobs:
+            if step == args.sft_warmup_steps and self.frozen and args.old_policy_interval is None:
+                _copy_weights(self.model, self.frozen)  # the fixed old policy is the model as PSFT begins
+            old = self.old_policy.for_step(step, lambda s: self._logprobs_of_step(self.model, s),
+                                           lambda s: self._logprobs_of_step(self.frozen, s))
+            old_policy_seconds = self.old_policy.last_pass_seconds
+            for index, micro_batch in enumerate(micro_batches):
+                if old == OLD_IS_CURRENT:
+                    micro_batch["old_is_current"] = True
+                elif old is not None:
+                    micro_batch["old_logprobs"] = old[index]
+        if objective.needs_reference_logprobs:
+            reference = policy_logprobs(self.frozen, micro_batches, self.model_args.vocab_size)
+            for micro_batch, logprobs in zip(micro_batches, reference or []):
+                micro_batch["reference_logprobs"] = logprobs
+
+        if args.sft_warmup_lr is not None:  # one schedule over the run; its peak differs per phase
+            for group in self.optimizer.param_groups:
+                group["max_lr"] = args.sft_warmup_lr if in_warmup else args.lr
+        result = train_step(self.model, self.optimizer, self.scheduler, micro_batches, objective,
+                            self.model_args.vocab_size, token_histograms=args.log_clipped_tokens)
+        seconds = time.perf_counter() - start
+        self.step += 1
+
+        record = dict(result.metrics)
+        clipped = record.pop("clipped_token_counts_total", None)
+        response = record.pop("response_token_counts_total", None)
+        if clipped is not None and self.clipped_tokens_file:
+            self._write_clipped_tokens(step, clipped, response)
+        real_tokens = self._global_real_tokens(micro_batches)
+        # Forward-equivalents of sequences: training (forward + backward = 3), old-policy and reference passes.
+        forward_sequences = args.global_batch_size * (3 + self.old_policy.last_pass_steps
+                                                      + objective.needs_reference_logprobs)
+        record.update(
+            phase="sft-warmup" if in_warmup else objective.name,
+            grad_norm=result.grad_norm,
+            learning_rate=result.learning_rate,
+            step_time_s=seconds,
+            old_policy_s=old_policy_seconds,
+            tokens_per_s=real_tokens / seconds,
+            tflops_per_gpu=forward_sequences * args.seq_length * self.flops_per_token / seconds
+            / dist.get_world_size() / 1e12,
+            **self._moe_load_balance(len(micro_batches)),
+        )
+        self.logger.log(step, record)
+        return record
+
+    def _global_real_tokens(self, micro_batches) -> int:
+        """Non-padding tokens of the global batch (the position of the last label + 1, per sample)."""
+        local = sum(int((mb["tokens"] != self.dataset.meta["pad_id"]).sum()) for mb in micro_batches)
+        total = torch.tensor(float(local), device=parallel.device())
+        dist.all_reduce(total, group=parallel.data_group())
+        return int(total)
+
+    def _moe_load_balance(self, num_microbatches: int) -> dict:
+        """Megatron's load-balancing loss per layer (1.0 is perfectly balanced), mean and worst layer."""
+        if not self.model_args.is_moe or not self.transformer_config.moe_aux_loss_coeff:
+            return {}
+        from megatron.core import parallel_state
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+        tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+        if tracker is None:
+            return {}
+        values = tracker["values"].detach().float().clone() / num_microbatches
+        dist.all_reduce(values, group=parallel.pipeline_group())  # each stage fills its own layers
+        dist.all_reduce(values, group=parallel.data_group())
+        values /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        clear_aux_losses_tracker()
+        return {"moe_load_balance_mean": float(values.mean()), "moe_load_balance_max": float(values.max())}
+
+    def _write_clipped_tokens(self, step, clipped, response) -> None:
+        import json
+
+        ids = [i for i, count in enumerate(clipped) if count]
+        self.clipped_tokens_file.write(json.dumps({
+            "step": step + 1,
+            "clipped": {str(i): int(clipped[i]) for i in ids},
+            "response": {str(i): int(count) for i, count in enumerate(response) if count},
+        }) + "\n")
+        self.clipped_tokens_file.flush()
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def save(self) -> str:
+        from megatron.core import tensor_parallel
+
+        rank_state = {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": None if parallel.use_cpu() else torch.cuda.get_rng_state(),
+            "tracker_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
+            "old_policy": self.old_policy.state_dict(),
+        }
+        path = checkpoint.save(
+            self.args.save, self.step, self.model, self.hf_config, self.optimizer, self.scheduler,
+            trainer_state={"step": self.step, "seed": self.args.seed, "global_batch_size": self.args.global_batch_size},
+            rank_state=rank_state, frozen_chunks=self.frozen)
+        parallel.print_rank_last(f"saved checkpoint {path}")
+        return path
+
+    def _resume(self, root: str) -> None:
+        from megatron.core import tensor_parallel
+
+        trainer_state, rank_state = checkpoint.load_training_state(root, self.model, self.optimizer, self.scheduler,
+                                                                   frozen_chunks=self.frozen)
+        if trainer_state["global_batch_size"] != self.args.global_batch_size or trainer_state["seed"] != self.args.seed:
+            raise ValueError(f"resuming needs the same --global-batch-size and --seed as the checkpoint ({trainer_state})")
+        self.step = trainer_state["step"]
+        torch.set_rng_state(rank_state["torch_rng"])
+        if rank_state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(rank_state["cuda_rng"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker_rng"])
+        self.old_policy.load_state_dict(rank_state["old_policy"])
+        parallel.print_rank_last(f"resumed from {checkpoint.resolve(root)} at step {self.step}")
+
+    def run(self) -> None:
+        args = self.args
+        while self.step < args.train_iters:
+            self.train_one_step()
+            if args.save and args.save_interval and self.step % args.save_interval == 0 and self.step < args.train_iters:
+                self.save()
+        if args.save:
+            self.save()
+        self.logger.close()
+        if self.clipped_tokens_file:
+            self.clipped_tokens_file.close()
+
+
+def _copy_weights(source_chunks, target_chunks) -> None:
+    """Copy weights chunk by chunk (same layout); the target is frozen."""
+    with torch.no_grad():
+        for source, target in zip(source_chunks, target_chunks):
+            source = source.module if hasattr(source, "module") else source
+            target.load_state_dict(source.state_dict(), strict=True)
+            target.eval()
+            for param in target.parameters():
+                param.requires_grad_(False)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    trainer = Trainer(args)
+    trainer.run()
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
