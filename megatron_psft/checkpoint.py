@@ -126,6 +126,7 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_ch
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
+    _init_optimizer_state(optimizer)
     model_state = model_sharded_state_dict(model_chunks)
     request = {
         "model": model_state,
@@ -139,11 +140,35 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_ch
         _load_model_state(frozen_chunks, loaded["frozen_policy"], FROZEN_PREFIX)
     with torch.no_grad():  # fp32 main params are the model's leaf params
         optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     rank_file = os.path.join(directory, "rank_state", f"rank_{dist.get_rank():05d}.pt")
     if not os.path.isfile(rank_file):
         raise FileNotFoundError(f"{rank_file} is missing: resume with the world size the checkpoint was saved with")
     return loaded["trainer_state"], torch.load(rank_file, weights_only=False)
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Create Adam's empty state, which the sharded optimizer state dict is built from before loading.
+    Megatron's init_state_fn leaves out torch Adam's per-parameter ``step`` (kept per group by the
+    Apex/TE Adams), which the distributed optimizer reads without them."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        sub.init_state_fn(sub.optimizer, sub.config)
+        if isinstance(sub.optimizer, torch.optim.Adam):
+            for state in sub.optimizer.state.values():
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Megatron restores Adam's step count into the param groups (where the Apex/TE Adams keep it);
+    torch's Adam reads it per parameter, so its bias correction would restart at step 1."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub.optimizer, torch.optim.Adam):
+            continue
+        for group in sub.optimizer.param_groups:
+            if "step" in group:
+                for param in group["params"]:
+                    sub.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
 
 
 def read_hf_config(path: str) -> dict:

@@ -36,6 +36,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     model.add_argument("--load", help="checkpoint root to resume from when it holds a complete checkpoint")
     model.add_argument("--save", help="checkpoint root to save to")
     model.add_argument("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
+    model.add_argument("--exit-interval", type=int, default=0,
+                       help="stop (and save) once the step count is a multiple of N; the schedule still spans --train-iters")
     model.add_argument("--seed", type=int, default=1234)
 
     par = parser.add_argument_group("parallelism")
@@ -327,6 +329,8 @@ class Trainer:
         args = self.args
         while self.step < args.train_iters:
             self.train_one_step()
+            if args.exit_interval and self.step % args.exit_interval == 0:
+                break
             if args.save and args.save_interval and self.step % args.save_interval == 0 and self.step < args.train_iters:
                 self.save()
         if args.save:
