@@ -275,10 +275,18 @@ class Trainer:
         tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
         if tracker is None:
             return {}
+        # Megatron's own reduction (reduce_aux_losses_tracker_across_ranks), with AVG spelled as
+        # SUM / size because gloo has no AVG.
         values = tracker["values"].detach().float().clone() / num_microbatches
         dist.all_reduce(values, group=parallel.pipeline_group())  # each stage fills its own layers
-        dist.all_reduce(values, group=parallel.data_group())
-        values /= parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        average_over = [tracker.get("avg_group")]
+        if tracker.get("reduce_group") is not None:
+            dist.all_reduce(values, group=tracker["reduce_group"])  # partial sums over TP x CP
+            if not tracker.get("reduce_group_has_dp"):
+                average_over.append(parallel_state.get_data_parallel_group())
+        for group in filter(None, average_over):
+            dist.all_reduce(values, group=group)
+            values /= dist.get_world_size(group)
         clear_aux_losses_tracker()
         return {"moe_load_balance_mean": float(values.mean()), "moe_load_balance_max": float(values.max())}
 

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# PSFT for Qwen3-MoE on Megatron-Core.
+#
+#   bash examples/run_psft_moe.sh [extra megatron_psft.train flags...]
+#
+# On a GPU cluster, set PRETRAINED (a checkpoint from checkpoint_convert.hf_to_megatron), DATA_PREFIX
+# (from tools/preprocess_data.py) and SAVE_DIR; the defaults are for Qwen3-30B-A3B on H100 nodes
+# (docs/run_script.md lists every variable). Launch it on every node, or once per node under SLURM.
+#
+# With nothing set on a machine without a GPU it runs the embedded default: a tiny Qwen3-MoE-shaped
+# model on the bundled chat data and tokenizer, 4 CPU processes over gloo (TP2 x EP2 with sequence
+# parallelism, DP2), SFT warm-up then PSFT rounds, a checkpoint, and an HF export of it.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
+
+if [ -z "${PRETRAINED:-}${DATA_PREFIX:-}" ] && ! has_gpu; then
+  EMBEDDED=1
+  PYTHON=${PYTHON:-$(bash "$ROOT/tools/setup_env.sh")}
+  RUN_DIR=${RUN_DIR:-$ROOT/runs/embedded}
+  GPUS_PER_NODE=${GPUS_PER_NODE:-4}
+  TP=${TP:-2}; PP=${PP:-1}; EP=${EP:-2}; ETP=${ETP:-}; SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-1}
+  HF_CONFIG=${HF_CONFIG:-debug}
+  SEQ_LENGTH=${SEQ_LENGTH:-128}; MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}; GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-16}
+  TRAIN_ITERS=${TRAIN_ITERS:-36}; SFT_WARMUP_STEPS=${SFT_WARMUP_STEPS:-12}; SFT_WARMUP_LR=${SFT_WARMUP_LR:-2e-3}
+  # A randomly initialised toy model needs a far larger step than the paper's 1e-6 to move visibly.
+  LR=${LR:-2e-4}; LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-4}
+  OLD_POLICY_INTERVAL=${OLD_POLICY_INTERVAL:-4}
+  PARAMS_DTYPE=${PARAMS_DTYPE:-fp32}; FP8_FORMAT=${FP8_FORMAT:-}; MOE_GROUPED_GEMM=${MOE_GROUPED_GEMM:-0}
+  RECOMPUTE_GRANULARITY=${RECOMPUTE_GRANULARITY:-}
+  DATA_PREFIX=$RUN_DIR/data/chat
+  SAVE_DIR=${SAVE_DIR:-$RUN_DIR/checkpoints}
+  EXPORT_HF_DIR=${EXPORT_HF_DIR:-$RUN_DIR/hf_export}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+  EMBEDDED=0
+  PYTHON=${PYTHON:-python}
+  : "${PRETRAINED:?set PRETRAINED to a Megatron checkpoint (python -m checkpoint_convert.hf_to_megatron)}"
+  : "${DATA_PREFIX:?set DATA_PREFIX to the --output-prefix of tools/preprocess_data.py}"
+  : "${SAVE_DIR:?set SAVE_DIR to the checkpoint directory of this run}"
+  GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+  # Qwen3-30B-A3B on H100 (2 nodes and up): experts over 8 GPUs, attention over TP2 with SP.
+  TP=${TP:-2}; PP=${PP:-1}; EP=${EP:-8}; ETP=${ETP:-1}; SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-1}
+  HF_CONFIG=${HF_CONFIG:-}
+  SEQ_LENGTH=${SEQ_LENGTH:-4096}; MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}; GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-32}
+  TRAIN_ITERS=${TRAIN_ITERS:-1000}; SFT_WARMUP_STEPS=${SFT_WARMUP_STEPS:-0}; SFT_WARMUP_LR=${SFT_WARMUP_LR:-}
+  LR=${LR:-1e-6}; LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-10}
+  OLD_POLICY_INTERVAL=${OLD_POLICY_INTERVAL:-8}  # round batch 256 / global batch 32, as in the paper
+  PARAMS_DTYPE=${PARAMS_DTYPE:-bf16}; FP8_FORMAT=${FP8_FORMAT-hybrid}; MOE_GROUPED_GEMM=${MOE_GROUPED_GEMM:-1}
+  RECOMPUTE_GRANULARITY=${RECOMPUTE_GRANULARITY:-selective}
+  EXPORT_HF_DIR=${EXPORT_HF_DIR:-}
+fi
+OBJECTIVE=${OBJECTIVE:-psft}; EPS_LOW=${EPS_LOW:-0.2}; EPS_HIGH=${EPS_HIGH:-0.28}
+WEIGHT_DECAY=${WEIGHT_DECAY:-0.1}; CLIP_GRAD=${CLIP_GRAD:-1.0}; LR_DECAY_STYLE=${LR_DECAY_STYLE:-cosine}
+MOE_DISPATCHER=${MOE_DISPATCHER:-alltoall}; MOE_ROUTER_REPLAY=${MOE_ROUTER_REPLAY:-0}
+FP8_RECIPE=${FP8_RECIPE:-delayed}; RECOMPUTE_MODULES=${RECOMPUTE_MODULES:-moe_act layernorm}
+SAVE_INTERVAL=${SAVE_INTERVAL:-0}; SEED=${SEED:-1234}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-$SAVE_DIR/tensorboard}
+
+# --- launcher: torchrun, on one or many nodes, or under SLURM ------------------------------------
+if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ]; then
+  NNODES=${SLURM_NNODES:-1}
+  NODE_RANK=${SLURM_NODEID:-0}
+  MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+fi
+NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
+
+if [ "$EMBEDDED" = 1 ] && [ ! -f "$DATA_PREFIX.meta.json" ]; then
+  "$PYTHON" "$ROOT/tools/preprocess_data.py" --input "$ROOT/megatron_psft/assets/chat_data.jsonl" \
+    --output-prefix "$DATA_PREFIX" --tokenizer "$ROOT/megatron_psft/assets/tokenizer" --seq-length "$SEQ_LENGTH"
+fi
+
+ARGS=(
+  --data-prefix "$DATA_PREFIX" --seq-length "$SEQ_LENGTH"
+  --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$TRAIN_ITERS"
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
+  --moe-token-dispatcher-type "$MOE_DISPATCHER" --params-dtype "$PARAMS_DTYPE"
+  --objective "$OBJECTIVE" --eps-low "$EPS_LOW" --eps-high "$EPS_HIGH" --old-policy-interval "$OLD_POLICY_INTERVAL"
+  --sft-warmup-steps "$SFT_WARMUP_STEPS"
+  --lr "$LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style "$LR_DECAY_STYLE"
+  --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD"
+  --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --seed "$SEED"
+  --tensorboard-dir "$TENSORBOARD_DIR" --log-clipped-tokens
+)
+[ -n "$ETP" ] && ARGS+=(--expert-tensor-parallel-size "$ETP")
+[ "$SEQUENCE_PARALLEL" = 1 ] && ARGS+=(--sequence-parallel)
+[ -n "${PRETRAINED:-}" ] && ARGS+=(--pretrained-checkpoint "$PRETRAINED")
+[ -n "$HF_CONFIG" ] && ARGS+=(--hf-config "$HF_CONFIG")
+[ -n "$SFT_WARMUP_LR" ] && ARGS+=(--sft-warmup-lr "$SFT_WARMUP_LR")
+[ -n "$FP8_FORMAT" ] && ARGS+=(--fp8-format "$FP8_FORMAT" --fp8-recipe "$FP8_RECIPE")
+[ "$MOE_GROUPED_GEMM" = 1 ] && ARGS+=(--moe-grouped-gemm)
+[ "$MOE_ROUTER_REPLAY" = 1 ] && ARGS+=(--moe-router-replay)
+# shellcheck disable=SC2206
+[ -n "$RECOMPUTE_GRANULARITY" ] && ARGS+=(--recompute-granularity "$RECOMPUTE_GRANULARITY" --recompute-modules $RECOMPUTE_MODULES)
+
+echo "[run_psft_moe] $NNODES node(s) x $GPUS_PER_NODE processes, TP=$TP PP=$PP EP=$EP, objective $OBJECTIVE, save $SAVE_DIR"
+"$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m megatron_psft.train "${ARGS[@]}" "$@"
+
+if [ -n "$EXPORT_HF_DIR" ] && [ "$NODE_RANK" = 0 ]; then
+  TEMPLATE=${HF_TEMPLATE:-}
+  if [ "$EMBEDDED" = 1 ]; then  # the tiny model's HF side: its config and the bundled tokenizer
+    TEMPLATE=$RUN_DIR/hf_template
+    mkdir -p "$TEMPLATE"
+    cp "$ROOT/megatron_psft/models/qwen3_moe/configs/debug.json" "$TEMPLATE/config.json"
+    cp "$ROOT"/megatron_psft/assets/tokenizer/* "$TEMPLATE/"
+  fi
+  : "${TEMPLATE:?set HF_TEMPLATE to the original HF model directory (config + tokenizer) for the export}"
+  "$PYTHON" -m checkpoint_convert.megatron_to_hf --megatron-dir "$SAVE_DIR" --hf-dir-template "$TEMPLATE" \
+    --out-dir "$EXPORT_HF_DIR" --overwrite
+  "$PYTHON" "$ROOT/tools/clipped_tokens.py" --clipped-tokens "$SAVE_DIR/clipped_tokens.jsonl" \
+    --tokenizer "$TEMPLATE" --top 20 --image "$SAVE_DIR/clipped_tokens.svg"
+fi
