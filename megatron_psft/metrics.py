@@ -89,7 +89,8 @@ class MetricsLogger:
                ("ratio_mean", "ratio", ".4f"), ("ratio_min", "ratio min", ".3f"), ("ratio_max", "ratio max", ".3f"),
                ("approx_kl", "kl", ".2e"), ("grad_norm", "grad norm", ".4f"), ("learning_rate", "lr", ".3e"),
                ("tokens_per_s", "tok/s", ".0f"), ("tflops_per_gpu", "TFLOP/s/GPU", ".3f"),
-               ("old_policy_s", "old-policy s", ".2f"), ("moe_load_balance_max", "moe lb max", ".3f"))
+               ("old_policy_s", "old-policy s", ".2f"), ("moe_load_balance_max", "moe lb max", ".3f"),
+               ("routing_flip_fraction", "routing flips", ".4f"))
 
     def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], train_steps: int):
         self.active = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1

@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-import torch
-
 OLD_IS_CURRENT = "current"
 
 
@@ -41,24 +39,25 @@ class RoundSchedule:
 
 
 class OldPolicy:
-    """Old log-probs per step, per micro-batch: computed at round starts, handed out step by step.
+    """Old-policy outputs per step, per micro-batch: computed at round starts, handed out step by step.
 
     ``compute(step)`` runs the forward-only pass of one step's micro-batches with the policy that is
-    current when called and returns their log-probs (None off the last stage).
+    current when called and returns, per micro-batch, what the training step needs from it (the
+    log-probs on the last stage; the routing, when recorded).
     """
 
     def __init__(self, schedule: RoundSchedule):
         self.schedule = schedule
-        self.logprobs: Dict[int, Optional[List[torch.Tensor]]] = {}
+        self.outputs: Dict[int, List[dict]] = {}
         self.last_pass_seconds = 0.0
         self.last_pass_steps = 0  # global batches the last for_step call ran forward-only
 
-    def for_step(self, step: int, compute: Callable[[int], Optional[List[torch.Tensor]]],
-                 compute_frozen: Optional[Callable[[int], Optional[List[torch.Tensor]]]] = None):
-        """The old log-probs of `step`, or OLD_IS_CURRENT; runs the round's pass when one is due."""
+    def for_step(self, step: int, compute: Callable[[int], List[dict]],
+                 compute_frozen: Optional[Callable[[int], List[dict]]] = None):
+        """The old-policy outputs of `step`, or OLD_IS_CURRENT; runs the round's pass when one is due."""
         self.last_pass_seconds, self.last_pass_steps = 0.0, 0
         if self.schedule.old_is_current(step):
-            self.logprobs.clear()
+            self.outputs.clear()
             if self.schedule.interval is not None:
                 self._run_pass([s for s in self.schedule.round_steps(step) if s != step], compute)
             return OLD_IS_CURRENT
@@ -66,21 +65,21 @@ class OldPolicy:
             if compute_frozen is None:
                 raise ValueError("a never-refreshed old policy needs its frozen copy")
             self._run_pass([step], compute_frozen)
-        elif step not in self.logprobs:
+        elif step not in self.outputs:
             # A round start without reuse, or a resume whose checkpoint had no pass for this step.
-            self.logprobs.clear()
+            self.outputs.clear()
             self._run_pass([s for s in self.schedule.round_steps(step) if s >= step], compute)
-        return self.logprobs.pop(step)
+        return self.outputs.pop(step)
 
     def _run_pass(self, steps: List[int], compute) -> None:
         start = time.perf_counter()
         for step in steps:
-            self.logprobs[step] = compute(step)
+            self.outputs[step] = compute(step)
         self.last_pass_seconds = time.perf_counter() - start
         self.last_pass_steps = len(steps)
 
     def state_dict(self) -> dict:
-        return {"logprobs": dict(self.logprobs)}
+        return {"outputs": dict(self.outputs)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.logprobs = dict(state["logprobs"])
+        self.outputs = dict(state["outputs"])

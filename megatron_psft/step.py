@@ -10,7 +10,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_psft import parallel
+import torch.distributed as dist
+
+from megatron_psft import parallel, routing
 from megatron_psft.logprobs import vocab_parallel_logprobs
 from megatron_psft.metrics import reduce_metrics
 from megatron_psft.objectives import ObjectiveConfig, make_loss_func
@@ -22,6 +24,7 @@ class StepResult:
     grad_norm: float
     learning_rate: float
     num_tokens: int
+    routing_flip_fraction: Optional[float] = None  # top-k choices differing from the old-policy pass
 
 
 def _model_forward(model, micro_batch):
@@ -49,19 +52,30 @@ def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
 
 
 def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], objective: ObjectiveConfig,
-               vocab_size: int, token_histograms: bool = False) -> StepResult:
+               vocab_size: int, token_histograms: bool = False, replays=None, replay_routing: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches of one global batch, then one optimizer step.
 
     Each micro-batch dict holds ``tokens``, ``position_ids``, ``labels``, ``loss_mask`` and, as the
-    objective needs, ``old_logprobs`` (or ``old_is_current``) and ``reference_logprobs``.
+    objective needs, ``old_logprobs`` (or ``old_is_current``) and ``reference_logprobs``. With
+    `replays` (the policy's routers) and a micro-batch ``routing`` from the old-policy pass, the
+    forward either replays that routing (`replay_routing`) or counts how much of it flipped.
     """
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
+    flips = torch.zeros(2)
 
     def forward_step(data_iterator, model):
+        nonlocal flips
         micro_batch = next(data_iterator)
+        old_routing = micro_batch.get("routing") if replays else None
+        if old_routing is not None and replay_routing:
+            routing.replay(replays, old_routing)
+        elif old_routing is not None:
+            routing.start_recording(replays)
         logits = _model_forward(model, micro_batch)
+        if old_routing is not None and not replay_routing:
+            flips += routing.differing_choices(routing.recorded(replays), old_routing)
         return logits, make_loss_func(
             objective, micro_batch["labels"], micro_batch["loss_mask"], vocab_size,
             old_logprobs=micro_batch.get("old_logprobs"),
@@ -71,6 +85,8 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
         )
 
     per_microbatch = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=False)
+    if replays:
+        routing.stop(replays)
     metrics = _reduce_over_stages(per_microbatch)
     num_tokens = int(metrics["trained_tokens_total"])
     if num_tokens == 0:
@@ -79,11 +95,19 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
     update_successful, grad_norm, _ = optimizer.step()
     if not update_successful:
         raise FloatingPointError(f"optimizer step failed (grad norm {grad_norm})")
-    return StepResult(metrics, float(grad_norm), optimizer.param_groups[0]["lr"], num_tokens)
+    flip_fraction = None
+    if replays and not replay_routing and any("routing" in mb for mb in micro_batches):
+        flips = flips.to(parallel.device())
+        dist.all_reduce(flips)  # every stage routes its own layers
+        flip_fraction = float(flips[0] / flips[1])
+    return StepResult(metrics, float(grad_norm), optimizer.param_groups[0]["lr"], num_tokens, flip_fraction)
 
 
-def policy_logprobs(model_chunks, micro_batches: List[dict], vocab_size: int) -> Optional[List[torch.Tensor]]:
-    """Forward-only pass: the log-probs ``[b, s]`` of each micro-batch's labels (last stage; None elsewhere)."""
+def forward_only_pass(model_chunks, micro_batches: List[dict], vocab_size: int, replays=None) -> List[dict]:
+    """Per micro-batch: ``logprobs [b, s]`` of its labels (last stage only) and, with `replays`, the
+    ``routing`` each of this rank's routers chose."""
+    results = [{} for _ in micro_batches]
+    position = iter(results)
 
     def loss_func(labels, logits):
         logprobs = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size)
@@ -91,20 +115,32 @@ def policy_logprobs(model_chunks, micro_batches: List[dict], vocab_size: int) ->
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
-        return _model_forward(model, micro_batch), lambda logits: loss_func(micro_batch["labels"], logits)
+        if replays:
+            routing.start_recording(replays)
+        logits = _model_forward(model, micro_batch)
+        if replays:
+            next(position)["routing"] = routing.recorded(replays)
+        return logits, lambda output: loss_func(micro_batch["labels"], output)
 
     with torch.no_grad():
         outputs = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
-    if not parallel.is_last_stage():
-        return None
-    return [out["logprobs"].float() for out in outputs]
+    if replays:
+        routing.stop(replays)
+    if parallel.is_last_stage():
+        for result, output in zip(results, outputs):
+            result["logprobs"] = output["logprobs"].float()
+    return results
+
+
+def policy_logprobs(model_chunks, micro_batches: List[dict], vocab_size: int) -> Optional[List[torch.Tensor]]:
+    """Forward-only pass: the log-probs ``[b, s]`` of each micro-batch's labels (last stage; None elsewhere)."""
+    results = forward_only_pass(model_chunks, micro_batches, vocab_size)
+    return [result["logprobs"] for result in results] if parallel.is_last_stage() else None
 
 
 def _reduce_over_stages(per_microbatch: List[dict]) -> Dict[str, float]:
     """Metrics live on the last stage: reduce them over data-parallel ranks there, then share them
     with the other stages so every rank returns the same numbers."""
-    import torch.distributed as dist
-
     result = reduce_metrics(per_microbatch, parallel.data_group()) if parallel.is_last_stage() else None
     holder = [result]
     group = parallel.pipeline_group()

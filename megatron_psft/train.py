@@ -13,14 +13,14 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import checkpoint, parallel
+from megatron_psft import checkpoint, parallel, routing
 from megatron_psft.data import SFTDataset, collate, global_batch_indices
 from megatron_psft.metrics import MetricsLogger, model_flops_per_token
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 from megatron_psft.objectives import OBJECTIVES, ObjectiveConfig
 from megatron_psft.old_policy import OLD_IS_CURRENT, OldPolicy, RoundSchedule
 from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
-from megatron_psft.step import policy_logprobs, train_step
+from megatron_psft.step import forward_only_pass, policy_logprobs, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -60,6 +60,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     prec.add_argument("--moe-aux-loss-coeff", type=float, default=None, help="default: the HF config's router_aux_loss_coef")
     prec.add_argument("--moe-router-replay", action="store_true",
                       help="record MoE routing in the old-policy pass and replay it in training passes")
+    prec.add_argument("--moe-routing-flip-stats", action="store_true",
+                      help="record the old-policy pass's routing and report the fraction of top-k choices "
+                           "that differ in the training pass (routing_flip_fraction)")
     prec.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     prec.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     prec.add_argument("--recompute-num-layers", type=int, default=None)
@@ -109,6 +112,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.params_dtype = "fp32" if parallel.use_cpu() else "bf16"
     if args.sft_warmup_steps >= args.train_iters and args.objective != "sft":
         parser.error("--sft-warmup-steps must be smaller than --train-iters")
+    if args.moe_router_replay and args.recompute_granularity == "full":
+        parser.error("--moe-router-replay does not support --recompute-granularity full (recompute would re-route)")
     if args.metrics_file is None and args.save:
         args.metrics_file = os.path.join(args.save, "metrics.jsonl")
     return args
@@ -137,7 +142,8 @@ class Trainer:
         self.transformer_config = transformer_config(
             self.model_args, self.layout, params_dtype=params_dtype, fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
             moe_token_dispatcher=args.moe_token_dispatcher_type, moe_grouped_gemm=args.moe_grouped_gemm,
-            moe_aux_loss_coeff=args.moe_aux_loss_coeff, routing_replay=args.moe_router_replay,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            routing_replay=args.moe_router_replay or args.moe_routing_flip_stats,
             recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
             **({"recompute_method": args.recompute_method, "recompute_num_layers": args.recompute_num_layers}
                if args.recompute_method else {}))
@@ -157,6 +163,9 @@ class Trainer:
                             lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
                             lr_decay_style=args.lr_decay_style, use_distributed_optimizer=args.use_distributed_optimizer,
                             overlap_grad_reduce=args.overlap_grad_reduce)
+        track_routing = self.model_args.is_moe and (args.moe_router_replay or args.moe_routing_flip_stats)
+        self.replays = routing.routers(chunks) if track_routing else None
+        self.frozen_replays = routing.routers(self.frozen) if track_routing and self.frozen else None
         self.model = wrap_with_ddp(chunks, self.transformer_config, optim)
         self.optimizer, self.scheduler = build_optimizer(self.model, optim, params_dtype, args.train_iters)
         self.old_policy = OldPolicy(RoundSchedule(args.old_policy_interval, args.sft_warmup_steps, args.reuse_first_step))
@@ -200,8 +209,8 @@ class Trainer:
             for start in range(0, per_rank, args.micro_batch_size)
         ]
 
-    def _logprobs_of_step(self, chunks, step):
-        return policy_logprobs(chunks, self.micro_batches(step), self.model_args.vocab_size)
+    def _old_policy_pass(self, chunks, replays, step):
+        return forward_only_pass(chunks, self.micro_batches(step), self.model_args.vocab_size, replays)
 
     # --- one step -----------------------------------------------------------------------------------
     def train_one_step(self) -> dict:
@@ -214,14 +223,15 @@ class Trainer:
         if objective.needs_old_logprobs:
             if step == args.sft_warmup_steps and self.frozen and args.old_policy_interval is None:
                 _copy_weights(self.model, self.frozen)  # the fixed old policy is the model as PSFT begins
-            old = self.old_policy.for_step(step, lambda s: self._logprobs_of_step(self.model, s),
-                                           lambda s: self._logprobs_of_step(self.frozen, s))
+            old = self.old_policy.for_step(step, lambda s: self._old_policy_pass(self.model, self.replays, s),
+                                           lambda s: self._old_policy_pass(self.frozen, self.frozen_replays, s))
             old_policy_seconds = self.old_policy.last_pass_seconds
             for index, micro_batch in enumerate(micro_batches):
                 if old == OLD_IS_CURRENT:
                     micro_batch["old_is_current"] = True
-                elif old is not None:
-                    micro_batch["old_logprobs"] = old[index]
+                else:
+                    micro_batch["old_logprobs"] = old[index].get("logprobs")  # None off the last stage
+                    micro_batch["routing"] = old[index].get("routing")
         if objective.needs_reference_logprobs:
             reference = policy_logprobs(self.frozen, micro_batches, self.model_args.vocab_size)
             for micro_batch, logprobs in zip(micro_batches, reference or []):
@@ -231,7 +241,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["max_lr"] = args.sft_warmup_lr if in_warmup else args.lr
         result = train_step(self.model, self.optimizer, self.scheduler, micro_batches, objective,
-                            self.model_args.vocab_size, token_histograms=args.log_clipped_tokens)
+                            self.model_args.vocab_size, token_histograms=args.log_clipped_tokens,
+                            replays=self.replays, replay_routing=args.moe_router_replay)
         seconds = time.perf_counter() - start
         self.step += 1
 
@@ -251,6 +262,7 @@ class Trainer:
             step_time_s=seconds,
             old_policy_s=old_policy_seconds,
             tokens_per_s=real_tokens / seconds,
+            routing_flip_fraction=result.routing_flip_fraction,
             tflops_per_gpu=forward_sequences * args.seq_length * self.flops_per_token / seconds
             / dist.get_world_size() / 1e12,
             **self._moe_load_balance(len(micro_batches)),

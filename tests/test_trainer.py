@@ -83,6 +83,11 @@ def _scenarios(tmp, data_prefix):
         _train(start + ["--train-iters", "2", "--objective", objective,
                         "--metrics-file", os.path.join(tmp, f"objective_{objective}.jsonl")])
         parallel.destroy()
+    for name, flag in (("flips", "--moe-routing-flip-stats"), ("replay", "--moe-router-replay")):
+        _train(start + LAYOUTS["tp2_ep2_sp_dp2"] + [
+            "--train-iters", "3", "--old-policy-interval", "3", "--no-first-step-reuse", "--lr", "1e-3", flag,
+            "--metrics-file", os.path.join(tmp, f"routing_{name}.jsonl")])
+        parallel.destroy()
     _train(start + ["--train-iters", "4", "--sft-warmup-steps", "2", "--sft-warmup-lr", "1e-3",
                     "--old-policy-interval", "2", "--metrics-file", os.path.join(tmp, "warmup.jsonl")])
     parallel.destroy()
@@ -162,3 +167,16 @@ def test_sft_warm_up_then_psft_rounds(run):
     assert [r["phase"] for r in records] == ["sft-warmup", "sft-warmup", "psft", "psft"]
     assert records[0]["learning_rate"] == pytest.approx(1e-3) and records[2]["learning_rate"] == pytest.approx(1e-4)
     assert records[2]["ratio_min"] == 1.0 == records[2]["ratio_max"]
+
+
+def test_routing_flips_are_measured_and_replay_imposes_the_old_routing(run):
+    tmp, _ = run
+    flips = _metrics(os.path.join(tmp, "routing_flips.jsonl"))
+    replay = _metrics(os.path.join(tmp, "routing_replay.jsonl"))
+    # Step 1 without reuse: the old-policy pass and the training pass see identical weights and
+    # micro-batch shapes; on CPU in fp32 both routing and log-probs agree bit for bit.
+    assert flips[0]["routing_flip_fraction"] == 0.0 and flips[0]["ratio_min"] == 1.0 == flips[0]["ratio_max"]
+    assert flips[1]["routing_flip_fraction"] > 0 and flips[2]["routing_flip_fraction"] > 0
+    assert all(r["routing_flip_fraction"] is None for r in replay)
+    assert replay[0]["loss"] == flips[0]["loss"]
+    assert replay[1]["ratio_mean"] != flips[1]["ratio_mean"]  # same weights, routing imposed from the old pass
