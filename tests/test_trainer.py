@@ -20,6 +20,7 @@ LAYOUTS = {
     "tp2_ep2_sp_dp2": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2", "--sequence-parallel"],
     "pp2_dp2": ["--pipeline-model-parallel-size", "2"],
     "tp2_sp_pp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"],
+    "pp2_vpp2_dp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
 }
 RESUME_LAYOUT = LAYOUTS["tp2_ep2_sp_dp2"]
 
