@@ -80,6 +80,35 @@ def _run_layout(name, checkpoint_root, args, hf_config):
     return dict(steps=steps, local_tokens=local_tokens, dp_rank=dp_rank)
 
 
+def _all_masked_global_batch(checkpoint_root, args):
+    """A global batch without a single response token is an error, raised before the optimizer moves."""
+    from megatron_psft import checkpoint, parallel
+    from megatron_psft.models.qwen3_moe import build_model_chunks, transformer_config
+    from megatron_psft.objectives import ObjectiveConfig
+    from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+    from megatron_psft.step import train_step
+
+    layout = parallel.ParallelLayout(tensor=2, sequence_parallel=True)
+    parallel.initialize(layout, seed=5)
+    config = transformer_config(args, layout, moe_aux_loss_coeff=0.0)
+    chunks = build_model_chunks(args, config)
+    checkpoint.load_model(checkpoint_root, chunks)
+    chunks = wrap_with_ddp(chunks, config, OptimConfig(lr=1e-3, lr_warmup_steps=0))
+    optimizer, scheduler = build_optimizer(chunks, OptimConfig(lr=1e-3, lr_warmup_steps=0), torch.float32, 1)
+    before = [p.detach().clone() for p in chunks[0].parameters()]
+    batch, _ = global_batch(args.vocab_size)
+    batch["loss_mask"].zero_()
+    try:
+        train_step(chunks, optimizer, scheduler, _micro_batches(batch, range(0, 2), 1), ObjectiveConfig("sft"),
+                   args.vocab_size)
+        outcome = "no error"
+    except ValueError as error:
+        outcome = str(error)
+    unchanged = all(torch.equal(b, p.detach()) for b, p in zip(before, chunks[0].parameters()))
+    parallel.destroy()
+    return dict(outcome=outcome, unchanged=unchanged)
+
+
 def _naive_reference(checkpoint_root, args, hf_config):
     """float64 forward of the whole global batch, full-vocab log_softmax, global token mean."""
     from megatron_psft import checkpoint, parallel
@@ -117,6 +146,7 @@ def _all_layouts(checkpoint_root):
     results = {"reference": _naive_reference(checkpoint_root, args, hf_config)}
     for name in LAYOUTS:
         results[name] = _run_layout(name, checkpoint_root, args, hf_config)
+    results["all_masked"] = _all_masked_global_batch(checkpoint_root, args)
     dist.barrier()
     return results
 
@@ -161,3 +191,9 @@ def test_data_parallel_ranks_held_different_token_counts(per_rank):
 def test_the_step_changed_the_loss(per_rank):
     steps = per_rank[-1]["tp1_dp4"]["steps"]
     assert steps[0]["loss"] != pytest.approx(steps[1]["loss"], rel=1e-6)
+
+
+def test_all_masked_global_batch_is_an_error_and_changes_nothing(per_rank):
+    for results in per_rank:
+        assert "no response tokens" in results["all_masked"]["outcome"], results["all_masked"]
+        assert results["all_masked"]["unchanged"]
