@@ -50,7 +50,11 @@ def main():
     parser.add_argument("--micro-batch-size", type=int, default=4)
     args, train_flags = parser.parse_known_args()
 
-    work = tempfile.mkdtemp(prefix="bench_psft_")
+    with tempfile.TemporaryDirectory(prefix="bench_psft_") as work:
+        _bench(args, train_flags, work)
+
+
+def _bench(args, train_flags, work):
     data_prefix = os.path.join(work, "chat")
     config_path = os.path.join(work, "config.json")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),

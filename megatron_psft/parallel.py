@@ -91,11 +91,24 @@ def tensor_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
-def data_group():
+def data_group(with_context_parallel: bool = True):
     """Ranks that hold different data: PSFT's token-mean and every metric reduce over these."""
     from megatron.core import parallel_state
 
-    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return parallel_state.get_data_parallel_group(with_context_parallel=with_context_parallel)
+
+
+def data_rank() -> int:
+    """This rank's index among the data-parallel ranks: which share of the global batch it reads."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def data_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_world_size()
 
 
 def pipeline_group():

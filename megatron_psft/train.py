@@ -6,6 +6,7 @@ Everything else (parallel groups, the model, the optimizer, checkpoints) comes f
 """
 
 import argparse
+import json
 import os
 import time
 from typing import List, Optional
@@ -195,13 +196,10 @@ class Trainer:
     # --- data ---------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> List[dict]:
         """This data-parallel rank's share of global batch `step`, as micro-batches."""
-        from megatron.core import parallel_state
-
         args = self.args
         indices = global_batch_indices(len(self.dataset), args.global_batch_size, step, args.seed)
-        per_rank = args.global_batch_size // parallel_state.get_data_parallel_world_size()
-        rank = parallel_state.get_data_parallel_rank()
-        mine = indices[rank * per_rank:(rank + 1) * per_rank]
+        per_rank = args.global_batch_size // parallel.data_size()
+        mine = indices[parallel.data_rank() * per_rank:(parallel.data_rank() + 1) * per_rank]
         device = parallel.device()
         return [
             {k: v.to(device) for k, v in collate([self.dataset[i] for i in mine[start:start + args.micro_batch_size]],
@@ -281,7 +279,6 @@ class Trainer:
         """Megatron's load-balancing loss per layer (1.0 is perfectly balanced), mean and worst layer."""
         if not self.model_args.is_moe or not self.transformer_config.moe_aux_loss_coeff:
             return {}
-        from megatron.core import parallel_state
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
         tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
@@ -295,7 +292,7 @@ class Trainer:
         if tracker.get("reduce_group") is not None:
             dist.all_reduce(values, group=tracker["reduce_group"])  # partial sums over TP x CP
             if not tracker.get("reduce_group_has_dp"):
-                average_over.append(parallel_state.get_data_parallel_group())
+                average_over.append(parallel.data_group(with_context_parallel=False))
         for group in filter(None, average_over):
             dist.all_reduce(values, group=group)
             values /= dist.get_world_size(group)
@@ -303,8 +300,6 @@ class Trainer:
         return {"moe_load_balance_mean": float(values.mean()), "moe_load_balance_max": float(values.max())}
 
     def _write_clipped_tokens(self, step, clipped, response) -> None:
-        import json
-
         ids = [i for i, count in enumerate(clipped) if count]
         self.clipped_tokens_file.write(json.dumps({
             "step": step + 1,

@@ -60,8 +60,7 @@ def _run_layout(name, checkpoint_root, args, hf_config):
     chunks = wrap_with_ddp(chunks, config, optim)
     optimizer, scheduler = build_optimizer(chunks, optim, torch.float32, train_steps=2)
 
-    from megatron.core import parallel_state
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    dp_rank, dp_size = parallel.data_rank(), parallel.data_size()
     per_rank = GLOBAL_BATCH // dp_size
     rows = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
     batch, old_shift = global_batch(args.vocab_size)
