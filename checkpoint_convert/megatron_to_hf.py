@@ -1,0 +1,155 @@
+"""Megatron-Core dist checkpoint -> Hugging Face Qwen3-MoE checkpoint, streamed layer by layer.
+
+    python -m checkpoint_convert.megatron_to_hf --megatron-dir CKPT --hf-dir-template HF --out-dir OUT
+
+Reads the latest iteration of CKPT (or ``--iteration N``), whatever TP / PP / EP / ETP layout the
+trainer saved it at, and writes ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
+with the config, tokenizer and other small files of the template. Only the "model" part of the
+checkpoint is read, one layer at a time; tensors are appended to the current shard as they are made.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import torch
+
+from checkpoint_convert.common import (Progress, config_dtype, parse_dtype, parse_size, single_process_group,
+                                       staged_output)
+from checkpoint_convert.safetensors_io import ShardedSafetensorsWriter
+from megatron_psft import checkpoint
+from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config
+from megatron_psft.models.qwen3_moe import state_dict_adapter as adapter
+
+MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+
+
+def stored_keys(args: Qwen3MoeArgs, metadata: dict) -> Dict[str, str]:
+    """Rule key -> the key it is stored under (canonical or alias), after checking every global shape."""
+    resolved, claimed = {}, set()
+    for rule in adapter.rules(args):
+        names = (rule.megatron_key,) + rule.aliases
+        found = [name for name in names if name in metadata]
+        if not found:
+            raise KeyError(f"checkpoint lacks tensor {rule.megatron_key!r}"
+                           + (f" (or its alias {rule.aliases})" if rule.aliases else ""))
+        expected, stored = adapter.global_shape(rule, args), tuple(metadata[found[0]].global_shape)
+        row_axis = len(expected) - len(adapter.slice_shape(rule, args))
+        # Vocabulary tensors carry whatever padding the saving TP size needed: at least the real rows.
+        fits = len(stored) == len(expected) and all(
+            s >= e if axis == row_axis and rule.transform == adapter.VOCAB else s == e
+            for axis, (s, e) in enumerate(zip(stored, expected)))
+        if not fits:
+            raise ValueError(f"checkpoint tensor {found[0]!r} has global shape {stored}, the config implies {expected}")
+        resolved[rule.megatron_key] = found[0]
+        claimed.update(names)
+    unknown = sorted(k for k in metadata if k.startswith(MODEL_KEY_PREFIXES) and k not in claimed)
+    if unknown:
+        raise ValueError(f"checkpoint holds model tensors no conversion rule covers: {unknown[:5]}")
+    return resolved
+
+
+def _load_request(stage_slots: List[adapter.Slot], keys: Dict[str, str], metadata: dict, args: Qwen3MoeArgs) -> dict:
+    """A sharded state dict asking for one layer's slice of each tensor (every expert at once), or
+    for a whole model-level tensor at its stored shape."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    request = {}
+    for slot in stage_slots:
+        key = keys[slot.rule.megatron_key]
+        if key in request:
+            continue
+        stored = metadata[key]
+        shape, offset = tuple(stored.global_shape), (0,) * len(stored.global_shape)
+        if slot.layer is not None:
+            shape, offset = (1,) + shape[1:], (slot.layer,) + offset[1:]
+        request[key] = ShardedTensor(key=key, data=torch.empty(shape, dtype=stored.dtype), dtype=stored.dtype,
+                                     local_shape=shape, global_shape=tuple(stored.global_shape),
+                                     global_offset=offset, axis_fragmentations=None)
+    return request
+
+
+def convert(megatron_dir: str, hf_template_dir: str, out_dir: str, iteration: Optional[int] = None,
+            dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB", overwrite: bool = False) -> str:
+    """Write an HF model directory `out_dir` from a Megatron checkpoint; returns `out_dir`."""
+    from megatron.core import dist_checkpointing
+
+    source = checkpoint.resolve(megatron_dir, iteration)
+    args = Qwen3MoeArgs.from_hf_config(checkpoint.read_hf_config(source))
+    template_config = load_hf_config(hf_template_dir)
+    if Qwen3MoeArgs.from_hf_config(template_config) != args:
+        raise ValueError(f"the template {hf_template_dir} describes a different model than {source}/hf_config.json")
+    out_dtype = dtype or config_dtype(template_config)
+
+    with staged_output(out_dir, overwrite) as staging, single_process_group():
+        metadata = dist_checkpointing.load_tensors_metadata(source)
+        keys = stored_keys(args, metadata)
+        out_dtype = out_dtype or metadata[keys["embedding.word_embeddings.weight"]].dtype
+        shapes = adapter.hf_tensor_shapes(args)
+        writer = ShardedSafetensorsWriter(staging, [(n, s, out_dtype) for n, s in shapes.items()],
+                                          parse_size(max_shard_size))
+        stages = [list(group) for _, group in itertools.groupby(adapter.slots(args), key=lambda s: s.stage)]
+        total = sum(torch.Size(s).numel() for s in shapes.values()) * out_dtype.itemsize
+        print(f"[megatron->hf] {source} -> {out_dir}: {len(shapes)} tensors, {total / 1e9:.2f} GB as {out_dtype}, "
+              f"{len(writer.shards)} shards", flush=True)
+        progress = Progress("megatron->hf", total, stages=len(stages))
+        try:
+            for stage_slots in stages:
+                progress.update(stage_slots[0].stage, 0)  # the stage's time includes its load
+                # One layer is only part of each tensor: skip the check that a load covers all of it.
+                loaded = dist_checkpointing.load(_load_request(stage_slots, keys, metadata, args), source,
+                                                 validate_access_integrity=False)
+                for slot in stage_slots:
+                    data = loaded[keys[slot.rule.megatron_key]]
+                    if slot.layer is not None:
+                        data = data[0] if slot.expert is None else data[0, slot.expert]
+                    for name, tensor in zip(slot.hf_names(), adapter.to_hf(slot.rule, data, args)):
+                        writer.write(name, tensor.to(out_dtype))
+                        progress.update(slot.stage, tensor.numel() * out_dtype.itemsize)
+                del loaded  # before the next layer's load, not after it
+            writer.finish()
+        finally:
+            writer.close()
+        progress.close()
+        _copy_template_files(hf_template_dir, staging, template_config, out_dtype)
+    return out_dir
+
+
+def _copy_template_files(template_dir: str, out_dir: str, config: dict, dtype: torch.dtype) -> None:
+    """Config, generation config, tokenizer, license...: every small file except the template's weights.
+    The config is copied verbatim unless the output dtype differs from the one it declares."""
+    for name in sorted(os.listdir(template_dir)):
+        path = os.path.join(template_dir, name)
+        if not os.path.isfile(path) or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
+            continue
+        if name == "config.json" and config_dtype(config) not in (None, dtype):
+            dtype_name = str(dtype).removeprefix("torch.")
+            updated = {k: (dtype_name if k in ("dtype", "torch_dtype") else v) for k, v in config.items()}
+            with open(os.path.join(out_dir, name), "w") as f:
+                json.dump(updated, f, indent=2)
+            continue
+        shutil.copyfile(path, os.path.join(out_dir, name))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--megatron-dir", required=True, help="checkpoint root (or one iter_* directory)")
+    parser.add_argument("--hf-dir-template", required=True,
+                        help="HF model directory whose config / tokenizer files the output gets")
+    parser.add_argument("--out-dir", required=True, help="HF model directory to create")
+    parser.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the latest)")
+    parser.add_argument("--dtype", default=None, help="output dtype (default: the template config's dtype)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    options = parser.parse_args(argv)
+    convert(options.megatron_dir, options.hf_dir_template, options.out_dir, iteration=options.iteration,
+            dtype=options.dtype and parse_dtype(options.dtype), max_shard_size=options.max_shard_size,
+            overwrite=options.overwrite)
+
+
+if __name__ == "__main__":
+    main()
