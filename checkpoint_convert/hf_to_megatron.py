@@ -41,11 +41,10 @@ def chunks(args: Qwen3MoeArgs) -> List[Chunk]:
     for slot in adapter.slots(args):
         trailing = adapter.slice_shape(slot.rule, args)[1:]
         leading = tuple(i for i in (slot.layer, slot.expert) if i is not None)
-        for key in (slot.rule.megatron_key,) + slot.rule.aliases:
-            for p in adapter.placements(slot.rule, args):
-                rows = p.slice_rows.stop - p.slice_rows.start
-                result.append(Chunk(key, leading + (p.slice_rows.start,) + (0,) * len(trailing),
-                                    (1,) * len(leading) + (rows,) + trailing, slot, p))
+        for p in adapter.placements(slot.rule, args):
+            rows = p.slice_rows.stop - p.slice_rows.start
+            result.append(Chunk(slot.rule.megatron_key, leading + (p.slice_rows.start,) + (0,) * len(trailing),
+                                (1,) * len(leading) + (rows,) + trailing, slot, p))
     return result
 
 
@@ -69,10 +68,7 @@ def sharded_state_dict(args: Qwen3MoeArgs, all_chunks: List[Chunk], dtype: torch
     query-group rows are uneven."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    global_shapes = {}
-    for rule in adapter.rules(args):
-        for key in (rule.megatron_key,) + rule.aliases:
-            global_shapes[key] = adapter.global_shape(rule, args)
+    global_shapes = {rule.megatron_key: adapter.global_shape(rule, args) for rule in adapter.rules(args)}
     state = {}
     for c in all_chunks:
         state[f"{c.key}@{c.offset}"] = ShardedTensor(

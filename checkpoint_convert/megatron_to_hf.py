@@ -13,7 +13,7 @@ import itertools
 import json
 import os
 import shutil
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -28,39 +28,35 @@ MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
 
-def stored_keys(args: Qwen3MoeArgs, metadata: dict) -> Dict[str, str]:
-    """Rule key -> the key it is stored under (canonical or alias), after checking every global shape."""
-    resolved, claimed = {}, set()
+def check_stored_tensors(args: Qwen3MoeArgs, metadata: dict) -> None:
+    """Check every rule's tensor is stored with the global shape the config implies (and nothing else is)."""
+    keys = []
     for rule in adapter.rules(args):
-        names = (rule.megatron_key,) + rule.aliases
-        found = [name for name in names if name in metadata]
-        if not found:
-            raise KeyError(f"checkpoint lacks tensor {rule.megatron_key!r}"
-                           + (f" (or its alias {rule.aliases})" if rule.aliases else ""))
-        expected, stored = adapter.global_shape(rule, args), tuple(metadata[found[0]].global_shape)
+        key = rule.megatron_key
+        if key not in metadata:
+            raise KeyError(f"checkpoint lacks tensor {key!r}")
+        expected, stored = adapter.global_shape(rule, args), tuple(metadata[key].global_shape)
         row_axis = len(expected) - len(adapter.slice_shape(rule, args))
         # Vocabulary tensors carry whatever padding the saving TP size needed: at least the real rows.
         fits = len(stored) == len(expected) and all(
             s >= e if axis == row_axis and rule.transform == adapter.VOCAB else s == e
             for axis, (s, e) in enumerate(zip(stored, expected)))
         if not fits:
-            raise ValueError(f"checkpoint tensor {found[0]!r} has global shape {stored}, the config implies {expected}")
-        resolved[rule.megatron_key] = found[0]
-        claimed.update(names)
-    unknown = sorted(k for k in metadata if k.startswith(MODEL_KEY_PREFIXES) and k not in claimed)
+            raise ValueError(f"checkpoint tensor {key!r} has global shape {stored}, the config implies {expected}")
+        keys.append(key)
+    unknown = sorted(k for k in metadata if k.startswith(MODEL_KEY_PREFIXES) and k not in keys)
     if unknown:
         raise ValueError(f"checkpoint holds model tensors no conversion rule covers: {unknown[:5]}")
-    return resolved
 
 
-def _load_request(stage_slots: List[adapter.Slot], keys: Dict[str, str], metadata: dict, args: Qwen3MoeArgs) -> dict:
+def _load_request(stage_slots: List[adapter.Slot], metadata: dict) -> dict:
     """A sharded state dict asking for one layer's slice of each tensor (every expert at once), or
     for a whole model-level tensor at its stored shape."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     request = {}
     for slot in stage_slots:
-        key = keys[slot.rule.megatron_key]
+        key = slot.rule.megatron_key
         if key in request:
             continue
         stored = metadata[key]
@@ -87,8 +83,8 @@ def convert(megatron_dir: str, hf_template_dir: str, out_dir: str, iteration: Op
 
     with staged_output(out_dir, overwrite) as staging, single_process_group():
         metadata = dist_checkpointing.load_tensors_metadata(source)
-        keys = stored_keys(args, metadata)
-        out_dtype = out_dtype or metadata[keys["embedding.word_embeddings.weight"]].dtype
+        check_stored_tensors(args, metadata)
+        out_dtype = out_dtype or metadata["embedding.word_embeddings.weight"].dtype
         shapes = adapter.hf_tensor_shapes(args)
         writer = ShardedSafetensorsWriter(staging, [(n, s, out_dtype) for n, s in shapes.items()],
                                           parse_size(max_shard_size))
@@ -101,10 +97,10 @@ def convert(megatron_dir: str, hf_template_dir: str, out_dir: str, iteration: Op
             for stage_slots in stages:
                 progress.update(stage_slots[0].stage, 0)  # the stage's time includes its load
                 # One layer is only part of each tensor: skip the check that a load covers all of it.
-                loaded = dist_checkpointing.load(_load_request(stage_slots, keys, metadata, args), source,
+                loaded = dist_checkpointing.load(_load_request(stage_slots, metadata), source,
                                                  validate_access_integrity=False)
                 for slot in stage_slots:
-                    data = loaded[keys[slot.rule.megatron_key]]
+                    data = loaded[slot.rule.megatron_key]
                     if slot.layer is not None:
                         data = data[0] if slot.expert is None else data[0, slot.expert]
                     for name, tensor in zip(slot.hf_names(), adapter.to_hf(slot.rule, data, args)):

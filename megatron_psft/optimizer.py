@@ -18,7 +18,7 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     lr_warmup_steps: int = 10
-    lr_decay_steps: int = 0  # 0: decay over the whole run
+    lr_decay_steps: int = 0  # 0: decay over the whole run, reaching min_lr just after the last step
     lr_decay_style: str = "cosine"
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
@@ -78,7 +78,9 @@ def build_optimizer(model_chunks, optim: OptimConfig, params_dtype: torch.dtype,
         max_lr=optim.lr,
         min_lr=optim.min_lr,
         lr_warmup_steps=warmup,
-        lr_decay_steps=max(optim.lr_decay_steps or train_steps, warmup + 1),
+        # Step n trains at schedule position n + 1 (see train_step), so the run's last step is
+        # at position train_steps: decaying over one more keeps its learning rate above min_lr.
+        lr_decay_steps=max(optim.lr_decay_steps or train_steps + 1, warmup + 1),
         lr_decay_style=optim.lr_decay_style,
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,

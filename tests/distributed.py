@@ -41,16 +41,26 @@ def run_distributed(world_size, fn, *args):
     `fn` must be a module-level function (it is pickled to spawned processes)."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
+    context = mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, queue),
+                                 nprocs=world_size, join=False, start_method="spawn")
+    results, errors = {}, []
+
+    def drain():  # while the ranks run: a result larger than the pipe buffer blocks its sender until read
+        while not queue.empty():
+            rank, status, value = queue.get()
+            if status == "error":
+                errors.append((rank, value))
+            else:
+                results[rank] = value
+
     try:
-        mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, queue),
-                           nprocs=world_size, join=True, start_method="spawn")
-    except mp.ProcessRaisedException:
+        while not context.join(timeout=0.2):
+            drain()
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
         pass  # the traceback comes through the queue
-    results = {}
-    while not queue.empty():
-        rank, status, value = queue.get()
-        if status == "error":
-            raise AssertionError(f"rank {rank} failed:\n{value}")
-        results[rank] = value
+    drain()
+    if errors:
+        rank, trace = errors[0]
+        raise AssertionError(f"rank {rank} failed:\n{trace}")
     assert len(results) == world_size, f"only ranks {sorted(results)} reported"
     return [results[r] for r in range(world_size)]

@@ -217,14 +217,13 @@ def test_cli_prints_progress_per_layer(work):
 @pytest.mark.parametrize("kind", KINDS)
 def test_declared_checkpoint_matches_gptmodel(per_rank, kind):
     """The import declares exactly the tensors and objects GPTModel (local spec) checkpoints, with the
-    same global shapes, plus what only the TE spec asks for: its name of the MoE pre-MLP norm and the
-    TE norms' extra state."""
+    same global shapes, plus what only the TE spec asks for: the TE norms' extra state."""
     declared, model = per_rank[0]["keys"][kind]
     assert {k: declared[k] for k in model} == model
     te_only = {"decoder.layers.self_attention.q_layernorm._extra_state",
                "decoder.layers.self_attention.k_layernorm._extra_state", "decoder.final_layernorm._extra_state"}
     if kind != "dense":
-        te_only |= {"decoder.layers.pre_mlp_layernorm.weight", "decoder.layers.pre_mlp_layernorm._extra_state"}
+        te_only |= {"decoder.layers.pre_mlp_layernorm._extra_state"}
     assert set(declared) - set(model) == te_only
 
 
@@ -340,7 +339,7 @@ def test_wrong_missing_and_unknown_tensors_are_named(work, tmp_path):
 
 
 def test_checkpoint_tensors_are_checked_before_export():
-    from checkpoint_convert.megatron_to_hf import stored_keys
+    from checkpoint_convert.megatron_to_hf import check_stored_tensors
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs
     from megatron_psft.models.qwen3_moe import state_dict_adapter as adapter
 
@@ -352,16 +351,16 @@ def test_checkpoint_tensors_are_checked_before_export():
                 for rule in adapter.rules(args)}
     metadata["output_layer.weight"] = SimpleNamespace(global_shape=(512, 64))  # saved at TP2: more padding
     metadata["optimizer.state.exp_avg.output_layer.weight"] = SimpleNamespace(global_shape=(7,))
-    stored_keys(args, metadata)
+    check_stored_tensors(args, metadata)
     qkv = "decoder.layers.self_attention.linear_qkv.weight"
     with pytest.raises(ValueError, match=f"{qkv}.*global shape"):
-        stored_keys(args, {**metadata, qkv: SimpleNamespace(global_shape=(2, 255, 64))})
+        check_stored_tensors(args, {**metadata, qkv: SimpleNamespace(global_shape=(2, 255, 64))})
     with pytest.raises(ValueError, match="output_layer.weight.*global shape"):
-        stored_keys(args, {**metadata, "output_layer.weight": SimpleNamespace(global_shape=(299, 64))})
+        check_stored_tensors(args, {**metadata, "output_layer.weight": SimpleNamespace(global_shape=(299, 64))})
     with pytest.raises(KeyError, match="router"):
-        stored_keys(args, {k: v for k, v in metadata.items() if "router" not in k})
+        check_stored_tensors(args, {k: v for k, v in metadata.items() if "router" not in k})
     with pytest.raises(ValueError, match="no conversion rule"):
-        stored_keys(args, {**metadata, "decoder.layers.mlp.shared_experts.linear_fc1.weight": metadata[qkv]})
+        check_stored_tensors(args, {**metadata, "decoder.layers.mlp.shared_experts.linear_fc1.weight": metadata[qkv]})
 
 
 def test_export_refuses_a_template_of_another_model(work, tmp_path):

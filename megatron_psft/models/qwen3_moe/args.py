@@ -61,7 +61,7 @@ class Qwen3MoeArgs:
         )
         if is_moe:
             args.update(
-                num_experts=config["num_experts"],
+                num_experts=config.get("num_experts", config.get("num_local_experts")),  # transformers 5 renamed it
                 moe_ffn_hidden_size=config["moe_intermediate_size"],
                 moe_top_k=config["num_experts_per_tok"],
                 norm_topk_prob=bool(config.get("norm_topk_prob", True)),

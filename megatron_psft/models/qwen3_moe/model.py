@@ -134,9 +134,14 @@ def layer_spec(config):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=True
         )
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
     )
+    if config.num_moe_experts:
+        # The TE spec keeps an MoE layer's pre-MLP norm as its own module (experts have no fused
+        # norm); save it under that name too, so GPU- and CPU-trained checkpoints load either way.
+        spec.submodules.sharded_state_dict_keys_map.pop("pre_mlp_layernorm.", None)
+    return spec
 
 
 def build_model(args: Qwen3MoeArgs, config, pre_process: bool, post_process: bool, vp_stage: Optional[int] = None,

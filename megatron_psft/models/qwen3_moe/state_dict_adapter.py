@@ -44,8 +44,6 @@ class Rule:
     hf: Tuple[HFWeight, ...]
     transform: str = IDENTITY
     when: str = ALWAYS
-    # Other on-disk names of the same tensor: import writes them too, export reads whichever exists.
-    aliases: Tuple[str, ...] = ()
 
     @property
     def per_layer(self) -> bool:
@@ -75,10 +73,10 @@ RULES: Tuple[Rule, ...] = (
          (HFWeight(_layer("self_attn.q_norm.weight"), ("head_dim",)),)),
     Rule("decoder.layers.self_attention.k_layernorm.weight",
          (HFWeight(_layer("self_attn.k_norm.weight"), ("head_dim",)),)),
-    # MoE layers: the TE spec keeps a separate pre-MLP norm; Megatron's local spec renames it as if
-    # it were fused into linear_fc1 (megatron-core 0.16.1). Both names are written on import.
+    # MoE layers: a separate pre-MLP norm (experts have no fused norm); the local spec is built to
+    # save it under the TE spec's name too (models/qwen3_moe/model.py: layer_spec).
     Rule("decoder.layers.pre_mlp_layernorm.weight", (HFWeight(_layer("post_attention_layernorm.weight"), ("hidden",)),),
-         when=MOE, aliases=("decoder.layers.mlp.linear_fc1.layer_norm_weight",)),
+         when=MOE),
     Rule("decoder.layers.mlp.router.weight", (HFWeight(_layer("mlp.gate.weight"), ("experts", "hidden")),), when=MOE),
     Rule("decoder.layers.mlp.experts.experts.linear_fc1.weight",
          (HFWeight(_layer("mlp.experts.{expert}.gate_proj.weight"), ("moe_ffn", "hidden")),
