@@ -52,16 +52,7 @@ def _save_hf_model(path, kind):
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
-    model.save_pretrained(path, max_shard_size="100KB")
-    if kind != "dense":
-        # transformers 5 writes `num_local_experts`; Hub configs (Qwen3-30B-A3B's included) carry
-        # `num_experts`, which is what Qwen3MoeArgs reads.
-        config_path = os.path.join(path, "config.json")
-        with open(config_path) as f:
-            saved = json.load(f)
-        saved["num_experts"] = saved["num_local_experts"]
-        with open(config_path, "w") as f:
-            json.dump(saved, f, indent=2)
+    model.save_pretrained(path, max_shard_size="100KB")  # transformers 5 writes `num_local_experts`
 
 
 def _tokens():
