@@ -12,8 +12,9 @@
 # parallelism, DP2), SFT warm-up then PSFT rounds, a checkpoint, and an HF export of it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the package runs from a checkout without installing
 
-has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep GPU >/dev/null; }
 
 if [ -z "${PRETRAINED:-}${DATA_PREFIX:-}" ] && ! has_gpu; then
   EMBEDDED=1
@@ -89,7 +90,7 @@ ARGS=(
 [ -n "$HF_CONFIG" ] && ARGS+=(--hf-config "$HF_CONFIG")
 [ -n "$SFT_WARMUP_LR" ] && ARGS+=(--sft-warmup-lr "$SFT_WARMUP_LR")
 [ -n "$FP8_FORMAT" ] && ARGS+=(--fp8-format "$FP8_FORMAT" --fp8-recipe "$FP8_RECIPE")
-[ "$MOE_GROUPED_GEMM" = 1 ] && ARGS+=(--moe-grouped-gemm)
+if [ "$MOE_GROUPED_GEMM" = 1 ]; then ARGS+=(--moe-grouped-gemm); else ARGS+=(--no-moe-grouped-gemm); fi
 [ "$MOE_ROUTER_REPLAY" = 1 ] && ARGS+=(--moe-router-replay)
 # shellcheck disable=SC2206
 [ -n "$RECOMPUTE_GRANULARITY" ] && ARGS+=(--recompute-granularity "$RECOMPUTE_GRANULARITY" --recompute-modules $RECOMPUTE_MODULES)

@@ -23,6 +23,9 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_psft import parallel
+from megatron_psft.optimizer import unwrap
+
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 HF_CONFIG_FILE = "hf_config.json"
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -54,22 +57,18 @@ def resolve(root_or_iteration_dir: str, iteration: Optional[int] = None) -> str:
     return path
 
 
-def _unwrap(chunk):
-    return chunk.module if hasattr(chunk, "module") else chunk
-
-
 def model_sharded_state_dict(model_chunks: List[torch.nn.Module], prefix: str = "") -> Dict[str, Any]:
     """One chunk's state dict as is; virtual-pipeline chunks side by side (their tensor keys are global).
     `prefix` keeps a second model's tensors (the frozen policy) apart from the trained one's."""
     if len(model_chunks) == 1:
-        return _unwrap(model_chunks[0]).sharded_state_dict(prefix=prefix)
-    return {f"chunk{i}": _unwrap(chunk).sharded_state_dict(prefix=prefix) for i, chunk in enumerate(model_chunks)}
+        return unwrap(model_chunks[0]).sharded_state_dict(prefix=prefix)
+    return {f"chunk{i}": unwrap(chunk).sharded_state_dict(prefix=prefix) for i, chunk in enumerate(model_chunks)}
 
 
 def _load_model_state(model_chunks, state, prefix: str = "") -> None:
     states = [state] if len(model_chunks) == 1 else [state[f"chunk{i}"] for i in range(len(model_chunks))]
     for chunk, chunk_state in zip(model_chunks, states):
-        _unwrap(chunk).load_state_dict({k[len(prefix):]: v for k, v in chunk_state.items()}, strict=True)
+        unwrap(chunk).load_state_dict({k[len(prefix):]: v for k, v in chunk_state.items()}, strict=True)
 
 
 def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=None, scheduler=None,
@@ -145,7 +144,7 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_ch
     rank_file = os.path.join(directory, "rank_state", f"rank_{dist.get_rank():05d}.pt")
     if not os.path.isfile(rank_file):
         raise FileNotFoundError(f"{rank_file} is missing: resume with the world size the checkpoint was saved with")
-    return loaded["trainer_state"], torch.load(rank_file, weights_only=False)
+    return loaded["trainer_state"], torch.load(rank_file, map_location=parallel.device(), weights_only=False)
 
 
 def _init_optimizer_state(optimizer) -> None:

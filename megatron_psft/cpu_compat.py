@@ -5,9 +5,9 @@ that the real model, parallel groups, MoE dispatchers, schedules, DDP, the distr
 ``dist_checkpointing`` run on CPU across local gloo processes, which is how the test suite and the
 embedded default run on machines without a GPU.
 
-It is applied only on request (``megatron_psft.parallel.initialize(cpu=True)``), refuses to run when
-CUDA is available, and refuses megatron-core versions it was not written against: the patched
-functions are private and change between releases. Nothing else in the package imports it.
+``megatron_psft.parallel.init_process_group`` applies it, and only when CUDA is absent; it refuses to
+run when CUDA is available, and refuses megatron-core versions it was not written against: the
+patched functions are private and change between releases. Nothing else in the package imports it.
 """
 
 import torch

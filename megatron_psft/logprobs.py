@@ -1,6 +1,6 @@
 """Per-token log-probabilities and entropy from vocab-parallel logits.
 
-Each tensor-parallel rank holds a slice of the vocabulary. The forward pass needs three reductions
+Each tensor-parallel rank holds a slice of the vocabulary. The forward pass needs two reductions
 over the TP group (the max, then one stacked sum of ``sum(exp)``, the target logit and, for entropy,
 ``sum(exp * x)``); the backward pass needs none, because with the global log-normaliser and entropy
 saved, each rank's gradient depends only on its own slice. Work is chunked along tokens so the extra
@@ -63,7 +63,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         ctx.valid_columns = valid_columns
         ctx.with_entropy = with_entropy
         ctx.chunk_tokens = chunk_tokens
-        ctx.mark_non_differentiable(in_slice)
+        ctx.set_materialize_grads(False)  # entropy is mostly logged, not trained: skip its backward then
         return (logprobs, entropy) if with_entropy else logprobs
 
     @staticmethod
@@ -132,11 +132,14 @@ def vocab_parallel_logprobs(
             f"logits hold {columns} vocab columns per rank x TP {tp_size} = {padded_vocab}, which does not fit "
             f"vocab {vocab_size} with less than one slice of padding: pass this rank's vocab slice"
         )
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= vocab_size):
-        raise ValueError(
-            f"labels must lie in [0, {vocab_size}); got [{int(labels.min())}, {int(labels.max())}]. "
-            "Mask positions with the loss mask, not with out-of-vocab ids"
-        )
+    if labels.numel():
+        low, high = torch.aminmax(labels)
+        low, high = low.item(), high.item()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"labels must lie in [0, {vocab_size}); got [{low}, {high}]. "
+                "Mask positions with the loss mask, not with out-of-vocab ids"
+            )
 
     vocab_start = tp_rank * columns
     valid_columns = max(0, min(columns, vocab_size - vocab_start))

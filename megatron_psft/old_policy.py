@@ -20,6 +20,7 @@ class RoundSchedule:
     interval: Optional[int]  # optimizer steps per round; None: never refresh
     first_step: int = 0  # the first PSFT step (after any SFT warm-up)
     reuse_first_step: bool = True
+    end_step: Optional[int] = None  # the run's last step + 1: no pass for data that is never trained
 
     def __post_init__(self):
         if self.interval is not None and self.interval < 1:
@@ -32,7 +33,8 @@ class RoundSchedule:
 
     def round_steps(self, step: int) -> range:
         start = self.round_start(step)
-        return range(start, start + self.interval)
+        end = start + self.interval
+        return range(start, end if self.end_step is None else min(end, self.end_step))
 
     def old_is_current(self, step: int) -> bool:
         return self.reuse_first_step and step == self.round_start(step)

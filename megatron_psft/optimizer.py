@@ -38,6 +38,7 @@ def wrap_with_ddp(model_chunks, transformer_config, optim: OptimConfig) -> List[
         overlap_grad_reduce=optim.overlap_grad_reduce,
         use_distributed_optimizer=optim.use_distributed_optimizer,
         average_in_collective=False,
+        check_for_nan_in_grad=True,
     )
     wrapped = [
         DistributedDataParallel(config=transformer_config, ddp_config=ddp_config, module=chunk,
@@ -45,9 +46,18 @@ def wrap_with_ddp(model_chunks, transformer_config, optim: OptimConfig) -> List[
         for index, chunk in enumerate(model_chunks)
     ]
     transformer_config.finalize_model_grads_func = finalize_model_grads
-    no_sync = [chunk.no_sync for chunk in wrapped]
-    transformer_config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+    def one_or_list(funcs):
+        return funcs if len(funcs) > 1 else funcs[0]
+
+    transformer_config.no_sync_func = one_or_list([chunk.no_sync for chunk in wrapped])
+    if optim.overlap_grad_reduce:  # let the pipeline schedule start each chunk's reduction when it is done
+        transformer_config.grad_sync_func = one_or_list([chunk.start_grad_sync for chunk in wrapped])
     return wrapped
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (the model itself when unwrapped)."""
+    return chunk.module if hasattr(chunk, "module") else chunk
 
 
 def build_optimizer(model_chunks, optim: OptimConfig, params_dtype: torch.dtype, train_steps: int):

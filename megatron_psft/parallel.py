@@ -74,8 +74,10 @@ def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
         expert_tensor_parallel_size=layout.expert_tensor,
         context_parallel_size=layout.context,
     )
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # Offset by pipeline stage, as Megatron-LM does, so stages do not initialise identical layers.
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
 def destroy() -> None:
@@ -83,12 +85,6 @@ def destroy() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-
-
-def tensor_group():
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_group()
 
 
 def data_group(with_context_parallel: bool = True):
@@ -121,12 +117,6 @@ def is_last_stage() -> bool:
     from megatron.core import parallel_state
 
     return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-
-
-def is_first_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_first_stage(ignore_virtual=True)
 
 
 def device() -> torch.device:

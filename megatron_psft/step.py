@@ -21,7 +21,7 @@ from megatron_psft.objectives import ObjectiveConfig, make_loss_func
 @dataclass
 class StepResult:
     metrics: Dict[str, Optional[float]]  # reduced over the global batch; identical on every rank
-    grad_norm: float
+    grad_norm: Optional[float]
     learning_rate: float
     num_tokens: int
     routing_flip_fraction: Optional[float] = None  # top-k choices differing from the old-policy pass
@@ -30,8 +30,7 @@ class StepResult:
 def _model_forward(model, micro_batch):
     # Right padding and a causal mask: padded positions never reach earlier tokens, and the loss mask
     # drops them, so no explicit attention mask is needed.
-    return model(micro_batch["tokens"], micro_batch["position_ids"], attention_mask=None,
-                 packed_seq_params=micro_batch.get("packed_seq_params"))
+    return model(micro_batch["tokens"], micro_batch["position_ids"], attention_mask=None)
 
 
 def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
@@ -95,12 +94,13 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
     update_successful, grad_norm, _ = optimizer.step()
     if not update_successful:
         raise FloatingPointError(f"optimizer step failed (grad norm {grad_norm})")
+    grad_norm = None if grad_norm is None else float(grad_norm)  # None: --clip-grad 0 without a norm
     flip_fraction = None
     if replays and not replay_routing and any("routing" in mb for mb in micro_batches):
         flips = flips.to(parallel.device())
         dist.all_reduce(flips)  # every stage routes its own layers
         flip_fraction = float(flips[0] / flips[1])
-    return StepResult(metrics, float(grad_norm), optimizer.param_groups[0]["lr"], num_tokens, flip_fraction)
+    return StepResult(metrics, grad_norm, optimizer.param_groups[0]["lr"], num_tokens, flip_fraction)
 
 
 def forward_only_pass(model_chunks, micro_batches: List[dict], vocab_size: int, replays=None) -> List[dict]:

@@ -20,10 +20,13 @@ from megatron_psft.metrics import MetricsLogger, model_flops_per_token
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 from megatron_psft.objectives import OBJECTIVES, ObjectiveConfig
 from megatron_psft.old_policy import OLD_IS_CURRENT, OldPolicy, RoundSchedule
-from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+from megatron_psft.optimizer import OptimConfig, build_optimizer, unwrap, wrap_with_ddp
 from megatron_psft.step import forward_only_pass, policy_logprobs, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Settings a resumed run must share with its checkpoint.
+RESUME_INVARIANTS = ("seed", "global_batch_size", "micro_batch_size", "seq_length", "objective",
+                     "old_policy_interval", "sft_warmup_steps", "data_prefix")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -113,8 +116,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         args.params_dtype = "fp32" if parallel.use_cpu() else "bf16"
     if args.sft_warmup_steps >= args.train_iters and args.objective != "sft":
         parser.error("--sft-warmup-steps must be smaller than --train-iters")
-    if args.moe_router_replay and args.recompute_granularity == "full":
-        parser.error("--moe-router-replay does not support --recompute-granularity full (recompute would re-route)")
+    if args.moe_router_replay and (args.recompute_granularity == "full" or "moe" in (args.recompute_modules or [])):
+        parser.error("--moe-router-replay cannot recompute the router (full or 'moe' recompute): it would re-route")
+    if (args.moe_router_replay or args.moe_routing_flip_stats) and args.virtual_pipeline_model_parallel_size:
+        parser.error("--moe-router-replay / --moe-routing-flip-stats do not support a virtual pipeline yet")
     if args.metrics_file is None and args.save:
         args.metrics_file = os.path.join(args.save, "metrics.jsonl")
     return args
@@ -169,8 +174,10 @@ class Trainer:
         self.frozen_replays = routing.routers(self.frozen) if track_routing and self.frozen else None
         self.model = wrap_with_ddp(chunks, self.transformer_config, optim)
         self.optimizer, self.scheduler = build_optimizer(self.model, optim, params_dtype, args.train_iters)
-        self.old_policy = OldPolicy(RoundSchedule(args.old_policy_interval, args.sft_warmup_steps, args.reuse_first_step))
+        self.old_policy = OldPolicy(RoundSchedule(args.old_policy_interval, args.sft_warmup_steps, args.reuse_first_step,
+                                                  end_step=args.train_iters))
         self.step = 0
+        self.resumed = bool(resume_from)
         if resume_from:
             self._resume(resume_from)
         self.flops_per_token = model_flops_per_token(self.model_args, args.seq_length)
@@ -269,7 +276,7 @@ class Trainer:
         return record
 
     def _global_real_tokens(self, micro_batches) -> int:
-        """Non-padding tokens of the global batch (the position of the last label + 1, per sample)."""
+        """Input tokens of the global batch that are not padding (not ``pad_id``)."""
         local = sum(int((mb["tokens"] != self.dataset.meta["pad_id"]).sum()) for mb in micro_batches)
         total = torch.tensor(float(local), device=parallel.device())
         dist.all_reduce(total, group=parallel.data_group())
@@ -320,7 +327,7 @@ class Trainer:
         }
         path = checkpoint.save(
             self.args.save, self.step, self.model, self.hf_config, self.optimizer, self.scheduler,
-            trainer_state={"step": self.step, "seed": self.args.seed, "global_batch_size": self.args.global_batch_size},
+            trainer_state={"step": self.step, **{key: getattr(self.args, key) for key in RESUME_INVARIANTS}},
             rank_state=rank_state, frozen_chunks=self.frozen)
         parallel.print_rank_last(f"saved checkpoint {path}")
         return path
@@ -330,8 +337,10 @@ class Trainer:
 
         trainer_state, rank_state = checkpoint.load_training_state(root, self.model, self.optimizer, self.scheduler,
                                                                    frozen_chunks=self.frozen)
-        if trainer_state["global_batch_size"] != self.args.global_batch_size or trainer_state["seed"] != self.args.seed:
-            raise ValueError(f"resuming needs the same --global-batch-size and --seed as the checkpoint ({trainer_state})")
+        changed = {key: (trainer_state[key], getattr(self.args, key)) for key in RESUME_INVARIANTS
+                   if trainer_state[key] != getattr(self.args, key)}
+        if changed:  # the data position and the saved old-policy round depend on them
+            raise ValueError(f"resuming needs the checkpoint's settings; changed (saved, now): {changed}")
         self.step = trainer_state["step"]
         torch.set_rng_state(rank_state["torch_rng"])
         if rank_state["cuda_rng"] is not None:
@@ -342,13 +351,15 @@ class Trainer:
 
     def run(self) -> None:
         args = self.args
+        saved_step = self.step if self.resumed else None  # a checkpoint of this step exists already
         while self.step < args.train_iters:
             self.train_one_step()
             if args.exit_interval and self.step % args.exit_interval == 0:
                 break
-            if args.save and args.save_interval and self.step % args.save_interval == 0 and self.step < args.train_iters:
+            if args.save and args.save_interval and self.step % args.save_interval == 0:
                 self.save()
-        if args.save:
+                saved_step = self.step
+        if args.save and saved_step != self.step:
             self.save()
         self.logger.close()
         if self.clipped_tokens_file:
@@ -359,8 +370,7 @@ def _copy_weights(source_chunks, target_chunks) -> None:
     """Copy weights chunk by chunk (same layout); the target is frozen."""
     with torch.no_grad():
         for source, target in zip(source_chunks, target_chunks):
-            source = source.module if hasattr(source, "module") else source
-            target.load_state_dict(source.state_dict(), strict=True)
+            target.load_state_dict(unwrap(source).state_dict(), strict=True)
             target.eval()
             for param in target.parameters():
                 param.requires_grad_(False)

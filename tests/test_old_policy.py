@@ -72,3 +72,8 @@ def test_resume_mid_round_continues_with_the_saved_old_logprobs():
 def test_bad_interval_is_rejected():
     with pytest.raises(ValueError):
         RoundSchedule(0)
+
+
+def test_the_last_round_computes_no_step_past_the_end_of_training():
+    _, current, _, _ = _run(RoundSchedule(4, end_step=6), 6)
+    assert current.steps == [1, 2, 3, 5]

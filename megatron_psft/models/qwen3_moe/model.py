@@ -25,6 +25,13 @@ def use_transformer_engine() -> bool:
     return True
 
 
+def _grad_accum_fusion_available() -> bool:
+    # Megatron's linear layers refuse the flag without APEX's fused_weight_gradient_mlp_cuda.
+    from megatron.core.tensor_parallel import layers
+
+    return layers._grad_accum_fusion_available
+
+
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = 128) -> int:
     """Megatron's padding: a multiple of ``divisible_by * TP`` (padding never enters the softmax)."""
     multiple = divisible_by * tensor_parallel
@@ -113,7 +120,7 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         # Fused kernels need CUDA (and apex/TE); the CPU path runs the reference implementations.
-        gradient_accumulation_fusion=te,
+        gradient_accumulation_fusion=te and _grad_accum_fusion_available(),
         bias_activation_fusion=False,
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=te,
