@@ -20,11 +20,24 @@ def default_chunk_tokens(columns: int) -> int:
     return max(1, CHUNK_BUFFER_BYTES // (4 * columns))
 
 
+def _check(labels: torch.Tensor, vocab_size: int, outputs: torch.Tensor) -> None:
+    """One host sync for both checks. Both counts are the same on every TP rank (labels are
+    replicated; outputs come from reduced values), so all ranks raise together, never hang."""
+    out_of_vocab, non_finite = torch.stack([((labels < 0) | (labels >= vocab_size)).sum(),
+                                            (~torch.isfinite(outputs)).sum()]).tolist()
+    if out_of_vocab:
+        low, high = torch.aminmax(labels)
+        raise ValueError(f"labels must lie in [0, {vocab_size}); got [{int(low)}, {int(high)}]. "
+                         "Mask positions with the loss mask, not with out-of-vocab ids")
+    if non_finite:
+        raise FloatingPointError(f"non-finite log-probs at {non_finite} token positions: the logits hold inf or NaN")
+
+
 class _VocabParallelLogprobs(torch.autograd.Function):
     """Rows of `logits` are tokens; columns [0, valid_columns) of this rank's slice are real vocab."""
 
     @staticmethod
-    def forward(ctx, logits, labels, group, vocab_start, valid_columns, with_entropy, chunk_tokens):
+    def forward(ctx, logits, labels, group, vocab_start, valid_columns, vocab_size, with_entropy, chunk_tokens):
         real = logits[:, :valid_columns]
         logits_max = real.max(dim=-1).values.float()
         if group is not None:
@@ -32,10 +45,11 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
         local_labels = labels - vocab_start
         in_slice = (local_labels >= 0) & (local_labels < valid_columns)
-        rows = torch.arange(labels.numel(), device=labels.device)
+        # Gather with a clamped index and mask, rather than index with a boolean mask: no host sync.
+        slice_index = local_labels.clamp(0, valid_columns - 1)[:, None]
         stats = logits.new_zeros((3 if with_entropy else 2, labels.numel()), dtype=torch.float32)
-        sum_exp, target_logit = stats[0], stats[1]
-        target_logit[in_slice] = real[rows[in_slice], local_labels[in_slice]].float()
+        sum_exp = stats[0]
+        stats[1] = torch.where(in_slice, real.gather(1, slice_index).squeeze(1).float(), 0.0)
         for start in range(0, labels.numel(), chunk_tokens):
             chunk = slice(start, start + chunk_tokens)
             # A private fp32 copy: .float() would alias fp32 logits, which belong to the caller.
@@ -50,16 +64,11 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             dist.all_reduce(stats, group=group)
 
         log_normalizer = sum_exp.log() + logits_max
-        logprobs = target_logit - log_normalizer
+        logprobs = stats[1] - log_normalizer
         entropy = sum_exp.log() - stats[2] / sum_exp if with_entropy else None
-        outputs = torch.stack([logprobs, entropy]) if with_entropy else logprobs[None]
-        bad = (~torch.isfinite(outputs)).sum()
-        if bad:  # identical on every TP rank (computed from reduced values), so all ranks raise together
-            raise FloatingPointError(
-                f"non-finite log-probs at {int(bad)} token positions: the logits hold inf or NaN"
-            )
+        _check(labels, vocab_size, torch.stack([logprobs, entropy]) if with_entropy else logprobs)
 
-        ctx.save_for_backward(logits, local_labels, in_slice, log_normalizer, *([entropy] if with_entropy else []))
+        ctx.save_for_backward(logits, slice_index, in_slice, log_normalizer, *([entropy] if with_entropy else []))
         ctx.valid_columns = valid_columns
         ctx.with_entropy = with_entropy
         ctx.chunk_tokens = chunk_tokens
@@ -68,7 +77,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy=None):
-        logits, local_labels, in_slice, log_normalizer, *entropy = ctx.saved_tensors
+        logits, slice_index, in_slice, log_normalizer, *entropy = ctx.saved_tensors
         valid_columns = ctx.valid_columns
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(log_normalizer)
@@ -86,9 +95,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             else:
                 probs = log_p.exp_().mul_(grad_logprobs[chunk, None])
             grad_logits[chunk, :valid_columns] = probs.neg_()
-        rows = torch.nonzero(in_slice).squeeze(-1)
-        grad_logits[rows, local_labels[rows]] += grad_logprobs[rows].to(grad_logits.dtype)
-        return grad_logits, None, None, None, None, None, None
+        grad_logits.scatter_add_(1, slice_index, torch.where(in_slice, grad_logprobs, 0.0)[:, None].to(grad_logits.dtype))
+        return grad_logits, None, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -132,19 +140,10 @@ def vocab_parallel_logprobs(
             f"logits hold {columns} vocab columns per rank x TP {tp_size} = {padded_vocab}, which does not fit "
             f"vocab {vocab_size} with less than one slice of padding: pass this rank's vocab slice"
         )
-    if labels.numel():
-        low, high = torch.aminmax(labels)
-        low, high = low.item(), high.item()
-        if low < 0 or high >= vocab_size:
-            raise ValueError(
-                f"labels must lie in [0, {vocab_size}); got [{low}, {high}]. "
-                "Mask positions with the loss mask, not with out-of-vocab ids"
-            )
-
     vocab_start = tp_rank * columns
     valid_columns = max(0, min(columns, vocab_size - vocab_start))
     out = _VocabParallelLogprobs.apply(
-        logits.reshape(-1, columns), labels.reshape(-1), tp_group, vocab_start, valid_columns,
+        logits.reshape(-1, columns), labels.reshape(-1), tp_group, vocab_start, valid_columns, vocab_size,
         with_entropy, chunk_tokens or default_chunk_tokens(columns),
     )
     if with_entropy:

@@ -82,6 +82,18 @@ def model_flops_per_token(args, seq_length: int) -> float:
     return args.num_layers * per_layer + 2 * args.hidden_size * args.vocab_size
 
 
+def drop_steps_after(jsonl_path: str, last_step: int) -> None:
+    """Forget the records of steps a resumed run will train again (they were logged after the
+    checkpoint it resumes from), so each step appears once."""
+    if not os.path.isfile(jsonl_path):
+        return
+    with open(jsonl_path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(jsonl_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(jsonl_path + ".tmp", jsonl_path)
+
+
 class MetricsLogger:
     """Per-step metrics to the console, a JSONL file and TensorBoard (on the last rank only)."""
 
@@ -92,7 +104,8 @@ class MetricsLogger:
                ("old_policy_s", "old-policy s", ".2f"), ("moe_load_balance_max", "moe lb max", ".3f"),
                ("routing_flip_fraction", "routing flips", ".4f"))
 
-    def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], train_steps: int):
+    def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], train_steps: int,
+                 resumed_step: Optional[int] = None):
         self.active = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
         self.train_steps = train_steps
         self.jsonl = None
@@ -101,6 +114,8 @@ class MetricsLogger:
             return
         if jsonl_path:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            if resumed_step is not None:
+                drop_steps_after(jsonl_path, resumed_step)
             self.jsonl = open(jsonl_path, "a")
         if tensorboard_dir:
             try:

@@ -57,11 +57,10 @@ def stop(replays: Sequence) -> None:
 def differing_choices(first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[differing, total]`` expert choices (token, slot) between two routings of the same tokens,
     comparing each token's top-k as a set."""
-    differing, total = 0, 0
+    differing, total = torch.zeros((), device=first[0].device), 0
     for a, b in zip(first, second, strict=True):
-        a, b = a.sort(dim=-1).values, b.sort(dim=-1).values
         # A token's choice is kept if its expert id appears anywhere in the other pass's top-k.
         kept = (a[:, :, None] == b[:, None, :]).any(-1)
-        differing += int((~kept).sum())
+        differing = differing + (~kept).sum()  # stays on the device: no sync per router
         total += kept.numel()
-    return torch.tensor([float(differing), float(total)])
+    return torch.stack([differing.float(), differing.new_tensor(float(total))])

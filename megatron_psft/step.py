@@ -62,7 +62,7 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    flips = torch.zeros(2)
+    flips = torch.zeros(2, device=parallel.device())
 
     def forward_step(data_iterator, model):
         nonlocal flips
@@ -97,7 +97,6 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
     grad_norm = None if grad_norm is None else float(grad_norm)  # None: --clip-grad 0 without a norm
     flip_fraction = None
     if replays and not replay_routing and any("routing" in mb for mb in micro_batches):
-        flips = flips.to(parallel.device())
         dist.all_reduce(flips)  # every stage routes its own layers
         flip_fraction = float(flips[0] / flips[1])
     return StepResult(metrics, grad_norm, optimizer.param_groups[0]["lr"], num_tokens, flip_fraction)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megatron_psft import checkpoint, parallel, routing
 from megatron_psft.data import SFTDataset, collate, global_batch_indices
-from megatron_psft.metrics import MetricsLogger, model_flops_per_token
+from megatron_psft.metrics import MetricsLogger, drop_steps_after, model_flops_per_token
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 from megatron_psft.objectives import OBJECTIVES, ObjectiveConfig
 from megatron_psft.old_policy import OLD_IS_CURRENT, OldPolicy, RoundSchedule
@@ -181,11 +181,14 @@ class Trainer:
         if resume_from:
             self._resume(resume_from)
         self.flops_per_token = model_flops_per_token(self.model_args, args.seq_length)
-        self.logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, args.train_iters)
+        resumed_step = self.step if resume_from else None
+        self.logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, args.train_iters, resumed_step)
         self.clipped_tokens_file = None
         if args.log_clipped_tokens and self.logger.active and args.metrics_file:
-            self.clipped_tokens_file = open(os.path.join(os.path.dirname(os.path.abspath(args.metrics_file)),
-                                                         "clipped_tokens.jsonl"), "a")
+            path = os.path.join(os.path.dirname(os.path.abspath(args.metrics_file)), "clipped_tokens.jsonl")
+            if resumed_step is not None:
+                drop_steps_after(path, resumed_step)
+            self.clipped_tokens_file = open(path, "a")
 
     def _check_data(self) -> None:
         meta, args = self.dataset.meta, self.args
