@@ -95,7 +95,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             else:
                 probs = log_p.exp_().mul_(grad_logprobs[chunk, None])
             grad_logits[chunk, :valid_columns] = probs.neg_()
-        grad_logits.scatter_add_(1, slice_index, torch.where(in_slice, grad_logprobs, 0.0)[:, None].to(grad_logits.dtype))
+        rows = torch.arange(grad_logits.shape[0], device=grad_logits.device)
+        grad_logits.index_put_((rows, slice_index[:, 0]), torch.where(in_slice, grad_logprobs, 0.0).to(grad_logits.dtype),
+                               accumulate=True)
         return grad_logits, None, None, None, None, None, None, None
 
 
