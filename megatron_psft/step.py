@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-
 import torch.distributed as dist
 
 from megatron_psft import parallel, routing
