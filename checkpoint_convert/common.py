@@ -1,4 +1,4 @@
-"""What both conversion directions share: staged output, a one-process world, progress, flag parsing."""
+"""What both conversion directions share: staged output, progress, flag parsing."""
 
 import contextlib
 import os
@@ -9,7 +9,6 @@ import time
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -64,21 +63,6 @@ def staged_output(out_dir: str, overwrite: bool):
         shutil.rmtree(replaced, ignore_errors=True)
     else:
         os.replace(staging, out_dir)
-
-
-@contextlib.contextmanager
-def single_process_group():
-    """dist_checkpointing is collective; conversion runs as a world of one (no launcher, no port)."""
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            raise RuntimeError("checkpoint conversion runs in a single process; do not launch it with torchrun")
-        yield
-        return
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class Progress:

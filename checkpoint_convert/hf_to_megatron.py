@@ -18,9 +18,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from checkpoint_convert.common import Progress, config_dtype, parse_dtype, single_process_group, staged_output
+from checkpoint_convert.common import Progress, config_dtype, parse_dtype, staged_output
 from checkpoint_convert.safetensors_io import SafetensorsReader
-from megatron_psft import checkpoint
+from megatron_psft import checkpoint, parallel
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config
 from megatron_psft.models.qwen3_moe import state_dict_adapter as adapter
 
@@ -142,7 +142,7 @@ def convert(hf_dir: str, out_dir: str, dtype: Optional[torch.dtype] = None, over
 
     print(f"[hf->megatron] {hf_dir} -> {out_dir}: {len(all_chunks)} chunks, {total / 1e9:.2f} GB as {dtype}",
           flush=True)
-    with staged_output(out_dir, overwrite) as staging, single_process_group():
+    with staged_output(out_dir, overwrite) as staging, parallel.single_process_group():
         iteration_dir = checkpoint.iteration_dir(staging, 0)
         os.makedirs(iteration_dir)
         dist_checkpointing.save({"model": sharded_state_dict(args, all_chunks, dtype)}, iteration_dir,

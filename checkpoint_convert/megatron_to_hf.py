@@ -17,10 +17,9 @@ from typing import List, Optional
 
 import torch
 
-from checkpoint_convert.common import (Progress, config_dtype, parse_dtype, parse_size, single_process_group,
-                                       staged_output)
+from checkpoint_convert.common import Progress, config_dtype, parse_dtype, parse_size, staged_output
 from checkpoint_convert.safetensors_io import ShardedSafetensorsWriter
-from megatron_psft import checkpoint
+from megatron_psft import checkpoint, parallel
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config
 from megatron_psft.models.qwen3_moe import state_dict_adapter as adapter
 
@@ -81,7 +80,7 @@ def convert(megatron_dir: str, hf_template_dir: str, out_dir: str, iteration: Op
         raise ValueError(f"the template {hf_template_dir} describes a different model than {source}/hf_config.json")
     out_dtype = dtype or config_dtype(template_config)
 
-    with staged_output(out_dir, overwrite) as staging, single_process_group():
+    with staged_output(out_dir, overwrite) as staging, parallel.single_process_group():
         metadata = dist_checkpointing.load_tensors_metadata(source)
         check_stored_tensors(args, metadata)
         out_dtype = out_dtype or metadata["embedding.word_embeddings.weight"].dtype

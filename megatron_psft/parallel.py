@@ -2,6 +2,7 @@
 the rest of the package reduces over. Nothing else in the package calls ``parallel_state`` directly
 for set-up."""
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -127,3 +128,18 @@ def print_rank_last(*args) -> None:
     """Print on the last rank, which is on the last pipeline stage where losses live."""
     if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
         print(*args, flush=True)
+
+
+@contextlib.contextmanager
+def single_process_group():
+    """dist_checkpointing is collective; conversion runs as a world of one (no launcher, no port)."""
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("checkpoint conversion runs in a single process; do not launch it with torchrun")
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
