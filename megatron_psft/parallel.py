@@ -25,8 +25,6 @@ class ParallelLayout:
     sequence_parallel: bool = False
 
     def __post_init__(self):
-        if self.expert > 1 and self.tensor > 1 and not self.sequence_parallel:
-            raise ValueError("MoE with tensor parallelism needs sequence parallelism (--sequence-parallel)")
         if self.sequence_parallel and self.tensor == 1:
             raise ValueError("sequence parallelism needs tensor parallelism > 1")
 

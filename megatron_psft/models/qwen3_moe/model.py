@@ -60,6 +60,8 @@ def transformer_config(
     te = use_transformer_engine()
     if fp8 and not te:
         raise ValueError("FP8 needs Transformer Engine on a GPU")
+    if args.is_moe and layout.tensor > 1 and not layout.sequence_parallel:
+        raise ValueError("MoE with tensor parallelism needs sequence parallelism (--sequence-parallel)")
     if args.is_moe and args.num_experts % layout.expert:
         raise ValueError(f"{args.num_experts} experts do not divide over EP={layout.expert}")
     if args.num_kv_heads % layout.tensor:
