@@ -64,6 +64,11 @@ def _loss_output(token_loss, logprobs, loss_mask, entropy, **extra_metrics) -> L
     return loss_sum, num_tokens, metrics
 
 
+def clipped(ratio: torch.Tensor, eps_high: float) -> torch.Tensor:
+    """Tokens outside the trust region: with advantage 1 only the upper clip acts, and these get no gradient."""
+    return ratio > 1 + eps_high
+
+
 def psft_loss(
     logprobs: torch.Tensor,
     old_logprobs: Optional[torch.Tensor],
@@ -90,7 +95,7 @@ def psft_loss(
     ratio = ratio.detach()
     return _loss_output(
         token_loss, logprobs, loss_mask, entropy,
-        clip_fraction=mean_metric((ratio > 1 + eps_high).float(), loss_mask),
+        clip_fraction=mean_metric(clipped(ratio, eps_high).float(), loss_mask),
         ratio_mean=mean_metric(ratio, loss_mask),
         ratio_min=extreme_metric(ratio, loss_mask, "min"),
         ratio_max=extreme_metric(ratio, loss_mask, "max"),
@@ -190,8 +195,8 @@ def make_loss_func(
         loss_sum, num_tokens, metrics = objective_loss(config, logprobs, loss_mask, entropy, old, reference_logprobs)
         if token_histograms and config.needs_old_logprobs:
             response = loss_mask.bool()
-            clipped = response & ((logprobs.detach() - old).exp() > 1 + config.eps_high)
-            metrics["clipped_token_counts_total"] = torch.bincount(labels[clipped], minlength=vocab_size).float()
+            outside = response & clipped((logprobs.detach() - old).exp(), config.eps_high)
+            metrics["clipped_token_counts_total"] = torch.bincount(labels[outside], minlength=vocab_size).float()
             metrics["response_token_counts_total"] = torch.bincount(labels[response], minlength=vocab_size).float()
         return loss_sum, num_tokens, metrics
 

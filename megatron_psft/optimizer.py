@@ -46,6 +46,7 @@ def wrap_with_ddp(model_chunks, transformer_config, optim: OptimConfig) -> List[
         for index, chunk in enumerate(model_chunks)
     ]
     transformer_config.finalize_model_grads_func = finalize_model_grads
+
     def one_or_list(funcs):
         return funcs if len(funcs) > 1 else funcs[0]
 

@@ -6,8 +6,6 @@ at each layout. The MoE load-balancing loss is switched off here: Megatron defin
 micro-batch, so it legitimately changes with the micro-batch split.
 """
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist

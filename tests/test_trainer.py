@@ -3,15 +3,13 @@ resume equals uninterrupted, the first step of each round, the fixed reference, 
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from bundled import preprocess_bundled_data
 from distributed import run_distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 96
 COMMON = ["--seq-length", str(SEQ), "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-4",
           "--lr-warmup-iters", "0", "--lr-decay-style", "constant", "--moe-aux-loss-coeff", "0"]
@@ -98,11 +96,7 @@ def _scenarios(tmp, data_prefix):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("trainer"))
-    data_prefix = os.path.join(tmp, "data", "chat")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),
-                    "--input", os.path.join(ROOT, "megatron_psft", "assets", "chat_data.jsonl"),
-                    "--output-prefix", data_prefix, "--tokenizer", os.path.join(ROOT, "megatron_psft", "assets", "tokenizer"),
-                    "--seq-length", str(SEQ)], check=True, capture_output=True)
+    data_prefix = preprocess_bundled_data(os.path.join(tmp, "data", "chat"), SEQ)
     never = run_distributed(4, _scenarios, tmp, data_prefix)
     return tmp, never
 

@@ -2,26 +2,20 @@
 trainer on one GPU. Skipped without CUDA and Transformer Engine; the CPU suite covers the math."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from bundled import ROOT, preprocess_bundled_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def data_prefix(tmp_path_factory):
     pytest.importorskip("transformer_engine.pytorch")
-    prefix = str(tmp_path_factory.mktemp("data") / "chat")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),
-                    "--input", os.path.join(ROOT, "megatron_psft", "assets", "chat_data.jsonl"),
-                    "--output-prefix", prefix, "--tokenizer", os.path.join(ROOT, "megatron_psft", "assets", "tokenizer"),
-                    "--seq-length", "128"], check=True)
-    return prefix
+    return preprocess_bundled_data(str(tmp_path_factory.mktemp("data") / "chat"), 128)
 
 
 def _train(tmp_path, data_prefix, *flags):
