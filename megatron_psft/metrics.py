@@ -13,6 +13,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_psft import parallel
+
 
 def mean_metric(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(torch.float32)
@@ -67,6 +69,30 @@ def reduce_metrics(
         else:
             result[name] = float(total) if torch.isfinite(total) else None
     return result
+
+
+def moe_load_balance(num_microbatches: int) -> dict:
+    """Megatron's load-balancing loss per MoE layer over the last step (1.0 is perfectly balanced):
+    its mean and worst layer, reduced as Megatron reduces its aux-loss tracker. Clears the tracker."""
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+    if tracker is None:
+        return {}
+    # Megatron's own reduction (reduce_aux_losses_tracker_across_ranks), with AVG spelled as
+    # SUM / size because gloo has no AVG.
+    values = tracker["values"].detach().float().clone() / num_microbatches
+    dist.all_reduce(values, group=parallel.pipeline_group())  # each stage fills its own layers
+    average_over = [tracker.get("avg_group")]
+    if tracker.get("reduce_group") is not None:
+        dist.all_reduce(values, group=tracker["reduce_group"])  # partial sums over TP x CP
+        if not tracker.get("reduce_group_has_dp"):
+            average_over.append(parallel.data_group(with_context_parallel=False))
+    for group in filter(None, average_over):
+        dist.all_reduce(values, group=group)
+        values /= dist.get_world_size(group)
+    clear_aux_losses_tracker()
+    return {"moe_load_balance_mean": float(values.mean()), "moe_load_balance_max": float(values.max())}
 
 
 def model_flops_per_token(args, seq_length: int) -> float:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megatron_psft import checkpoint, parallel, routing
 from megatron_psft.data import SFTDataset, collate, global_batch_indices
-from megatron_psft.metrics import MetricsLogger, drop_steps_after, model_flops_per_token
+from megatron_psft.metrics import MetricsLogger, drop_steps_after, model_flops_per_token, moe_load_balance
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 from megatron_psft.objectives import OBJECTIVES, ObjectiveConfig
 from megatron_psft.old_policy import OLD_IS_CURRENT, OldPolicy, RoundSchedule
@@ -273,7 +273,8 @@ class Trainer:
             routing_flip_fraction=result.routing_flip_fraction,
             tflops_per_gpu=forward_sequences * args.seq_length * self.flops_per_token / seconds
             / dist.get_world_size() / 1e12,
-            **self._moe_load_balance(len(micro_batches)),
+            **(moe_load_balance(len(micro_batches))
+               if self.model_args.is_moe and self.transformer_config.moe_aux_loss_coeff else {}),
         )
         self.logger.log(step, record)
         return record
@@ -284,30 +285,6 @@ class Trainer:
         total = torch.tensor(float(local), device=parallel.device())
         dist.all_reduce(total, group=parallel.data_group())
         return int(total)
-
-    def _moe_load_balance(self, num_microbatches: int) -> dict:
-        """Megatron's load-balancing loss per layer (1.0 is perfectly balanced), mean and worst layer."""
-        if not self.model_args.is_moe or not self.transformer_config.moe_aux_loss_coeff:
-            return {}
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
-
-        tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
-        if tracker is None:
-            return {}
-        # Megatron's own reduction (reduce_aux_losses_tracker_across_ranks), with AVG spelled as
-        # SUM / size because gloo has no AVG.
-        values = tracker["values"].detach().float().clone() / num_microbatches
-        dist.all_reduce(values, group=parallel.pipeline_group())  # each stage fills its own layers
-        average_over = [tracker.get("avg_group")]
-        if tracker.get("reduce_group") is not None:
-            dist.all_reduce(values, group=tracker["reduce_group"])  # partial sums over TP x CP
-            if not tracker.get("reduce_group_has_dp"):
-                average_over.append(parallel.data_group(with_context_parallel=False))
-        for group in filter(None, average_over):
-            dist.all_reduce(values, group=group)
-            values /= dist.get_world_size(group)
-        clear_aux_losses_tracker()
-        return {"moe_load_balance_mean": float(values.mean()), "moe_load_balance_max": float(values.max())}
 
     def _write_clipped_tokens(self, step, clipped, response) -> None:
         ids = [i for i, count in enumerate(clipped) if count]
