@@ -10,13 +10,21 @@
 # With nothing set on a machine without a GPU it runs the embedded default: a tiny Qwen3-MoE-shaped
 # model on the bundled chat data and tokenizer, 4 CPU processes over gloo (TP2 x EP2 with sequence
 # parallelism, DP2), SFT warm-up then PSFT rounds, a checkpoint, and an HF export of it.
+#
+# DRY_RUN=1 resolves every flag as the launch would and prints the plan (layout, parameters and
+# memory per GPU) without a GPU, data or weights, e.g. DRY_RUN=1 HF_CONFIG=30b-a3b NNODES=2.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # the package runs from a checkout without installing
 
-has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep GPU >/dev/null; }
+DRY_RUN=${DRY_RUN:-0}
+# CUDA_VISIBLE_DEVICES="" hides the GPUs, as it does from torch.
+has_gpu() {
+  [ "${CUDA_VISIBLE_DEVICES-unset}" != "" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU
+}
 
-if [ -z "${PRETRAINED:-}${DATA_PREFIX:-}" ] && ! has_gpu; then
+# The embedded default: no GPU and no cluster variable set.
+if [ -z "${PRETRAINED:-}${DATA_PREFIX:-}${HF_CONFIG:-}${NNODES:-}${SLURM_JOB_ID:-}" ] && ! has_gpu; then
   EMBEDDED=1
   PYTHON=${PYTHON:-$(bash "$ROOT/tools/setup_env.sh")}
   RUN_DIR=${RUN_DIR:-$ROOT/runs/embedded}
@@ -37,11 +45,18 @@ if [ -z "${PRETRAINED:-}${DATA_PREFIX:-}" ] && ! has_gpu; then
 else
   EMBEDDED=0
   PYTHON=${PYTHON:-python}
-  : "${PRETRAINED:?set PRETRAINED to a Megatron checkpoint (python -m checkpoint_convert.hf_to_megatron)}"
-  : "${DATA_PREFIX:?set DATA_PREFIX to the --output-prefix of tools/preprocess_data.py}"
-  : "${SAVE_DIR:?set SAVE_DIR to the checkpoint directory of this run}"
+  if [ "$DRY_RUN" = 1 ]; then  # the plan needs only the model's HF config
+    [ -n "${PRETRAINED:-}${HF_CONFIG:-}" ] || { echo "set PRETRAINED (its hf_config.json is read) or HF_CONFIG" >&2; exit 2; }
+  else
+    : "${PRETRAINED:?set PRETRAINED to a Megatron checkpoint (python -m checkpoint_convert.hf_to_megatron)}"
+    : "${DATA_PREFIX:?set DATA_PREFIX to the --output-prefix of tools/preprocess_data.py}"
+    : "${SAVE_DIR:?set SAVE_DIR to the checkpoint directory of this run}"
+  fi
   GPUS_PER_NODE=${GPUS_PER_NODE:-8}
   # Qwen3-30B-A3B on H100 (2 nodes and up): experts over 8 GPUs, attention over TP2 with SP.
+  # FP8 with current (tensorwise) scaling: megatron-core refuses delayed scaling with the moe_act /
+  # layernorm recompute below, and a current-scaling recipe keeps no amax history for PSFT's
+  # forward-only old-policy pass to disturb (docs/run_script.md).
   TP=${TP:-2}; PP=${PP:-1}; EP=${EP:-8}; ETP=${ETP:-1}; SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-1}
   HF_CONFIG=${HF_CONFIG:-}
   SEQ_LENGTH=${SEQ_LENGTH:-4096}; MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}; GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-32}
@@ -55,9 +70,10 @@ fi
 OBJECTIVE=${OBJECTIVE:-psft}; EPS_LOW=${EPS_LOW:-0.2}; EPS_HIGH=${EPS_HIGH:-0.28}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.1}; CLIP_GRAD=${CLIP_GRAD:-1.0}; LR_DECAY_STYLE=${LR_DECAY_STYLE:-cosine}
 MOE_DISPATCHER=${MOE_DISPATCHER:-alltoall}; MOE_ROUTER_REPLAY=${MOE_ROUTER_REPLAY:-0}
-FP8_RECIPE=${FP8_RECIPE:-delayed}; RECOMPUTE_MODULES=${RECOMPUTE_MODULES:-moe_act layernorm}
+FP8_RECIPE=${FP8_RECIPE:-tensorwise}; RECOMPUTE_MODULES=${RECOMPUTE_MODULES:-moe_act layernorm}
 SAVE_INTERVAL=${SAVE_INTERVAL:-0}; SEED=${SEED:-1234}
-TENSORBOARD_DIR=${TENSORBOARD_DIR:-$SAVE_DIR/tensorboard}
+SAVE_DIR=${SAVE_DIR:-}
+TENSORBOARD_DIR=${TENSORBOARD_DIR:-${SAVE_DIR:+$SAVE_DIR/tensorboard}}
 
 # --- launcher: torchrun, on one or many nodes, or under SLURM ------------------------------------
 if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ]; then
@@ -67,13 +83,13 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ]; then
 fi
 NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
 
-if [ "$EMBEDDED" = 1 ] && [ ! -f "$DATA_PREFIX.meta.json" ]; then
+if [ "$EMBEDDED" = 1 ] && [ "$DRY_RUN" != 1 ] && [ ! -f "$DATA_PREFIX.meta.json" ]; then
   "$PYTHON" "$ROOT/tools/preprocess_data.py" --input "$ROOT/megatron_psft/assets/chat_data.jsonl" \
     --output-prefix "$DATA_PREFIX" --tokenizer "$ROOT/megatron_psft/assets/tokenizer" --seq-length "$SEQ_LENGTH"
 fi
 
 ARGS=(
-  --data-prefix "$DATA_PREFIX" --seq-length "$SEQ_LENGTH"
+  --seq-length "$SEQ_LENGTH"
   --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE" --train-iters "$TRAIN_ITERS"
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP"
   --moe-token-dispatcher-type "$MOE_DISPATCHER" --params-dtype "$PARAMS_DTYPE"
@@ -81,9 +97,11 @@ ARGS=(
   --sft-warmup-steps "$SFT_WARMUP_STEPS"
   --lr "$LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style "$LR_DECAY_STYLE"
   --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD"
-  --save "$SAVE_DIR" --load "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --seed "$SEED"
-  --tensorboard-dir "$TENSORBOARD_DIR" --log-clipped-tokens
+  --save-interval "$SAVE_INTERVAL" --seed "$SEED" --log-clipped-tokens
 )
+[ -n "${DATA_PREFIX:-}" ] && ARGS+=(--data-prefix "$DATA_PREFIX")
+[ -n "$SAVE_DIR" ] && ARGS+=(--save "$SAVE_DIR" --load "$SAVE_DIR")
+[ -n "$TENSORBOARD_DIR" ] && ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
 [ -n "$ETP" ] && ARGS+=(--expert-tensor-parallel-size "$ETP")
 [ "$SEQUENCE_PARALLEL" = 1 ] && ARGS+=(--sequence-parallel)
 [ -n "${PRETRAINED:-}" ] && ARGS+=(--pretrained-checkpoint "$PRETRAINED")
@@ -94,6 +112,11 @@ if [ "$MOE_GROUPED_GEMM" = 1 ]; then ARGS+=(--moe-grouped-gemm); else ARGS+=(--n
 [ "$MOE_ROUTER_REPLAY" = 1 ] && ARGS+=(--moe-router-replay)
 # shellcheck disable=SC2206
 [ -n "$RECOMPUTE_GRANULARITY" ] && ARGS+=(--recompute-granularity "$RECOMPUTE_GRANULARITY" --recompute-modules $RECOMPUTE_MODULES)
+
+if [ "$DRY_RUN" = 1 ]; then  # one process, as each rank would resolve its flags
+  [ "$EMBEDDED" = 1 ] && ARGS+=(--dry-run-platform cpu)
+  WORLD_SIZE=$((NNODES * GPUS_PER_NODE)) exec "$PYTHON" -m megatron_psft.train --dry-run "${ARGS[@]}" "$@"
+fi
 
 echo "[run_psft_moe] $NNODES node(s) x $GPUS_PER_NODE processes, TP=$TP PP=$PP EP=$EP, objective $OBJECTIVE, save $SAVE_DIR"
 "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE" \

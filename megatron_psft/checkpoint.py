@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import parallel
 from megatron_psft.optimizer import unwrap
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -141,10 +140,27 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_ch
         optimizer.load_state_dict(loaded["optimizer"])
     _restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
-    rank_file = os.path.join(directory, "rank_state", f"rank_{dist.get_rank():05d}.pt")
+    return loaded["trainer_state"], load_rank_state(directory, dist.get_rank())
+
+
+def load_rank_state(directory: str, rank: int) -> dict:
+    """One rank's state, on the host as it was saved: RNG states must be CPU ByteTensors, so the
+    caller moves to the device only what lives there (:func:`to_device`)."""
+    rank_file = os.path.join(directory, "rank_state", f"rank_{rank:05d}.pt")
     if not os.path.isfile(rank_file):
         raise FileNotFoundError(f"{rank_file} is missing: resume with the world size the checkpoint was saved with")
-    return loaded["trainer_state"], torch.load(rank_file, map_location=parallel.device(), weights_only=False)
+    return torch.load(rank_file, map_location="cpu", weights_only=False)
+
+
+def to_device(tree: Any, device: torch.device) -> Any:
+    """Every tensor in nested dicts / lists / tuples moved to `device`."""
+    if torch.is_tensor(tree):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {key: to_device(value, device) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(value, device) for value in tree)
+    return tree
 
 
 def _init_optimizer_state(optimizer) -> None:
@@ -171,5 +187,8 @@ def _restore_adam_steps(optimizer) -> None:
 
 
 def read_hf_config(path: str) -> dict:
-    with open(os.path.join(resolve(path), HF_CONFIG_FILE)) as f:
+    """The HF config a checkpoint carries: from a checkpoint root or ``iter_*`` directory, or from a
+    directory holding just its ``hf_config.json`` (enough for a dry run without the weights)."""
+    direct = os.path.join(path, HF_CONFIG_FILE)
+    with open(direct if os.path.isfile(direct) else os.path.join(resolve(path), HF_CONFIG_FILE)) as f:
         return json.load(f)

@@ -8,19 +8,23 @@ Everything else (parallel groups, the model, the optimizer, checkpoints) comes f
 import argparse
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_psft import checkpoint, parallel, routing
+from megatron_psft import platform as platforms
 from megatron_psft.data import SFTDataset, collate, global_batch_indices
 from megatron_psft.metrics import MetricsLogger, drop_steps_after, model_flops_per_token, moe_load_balance
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 from megatron_psft.objectives import OBJECTIVES, ObjectiveConfig
 from megatron_psft.old_policy import OLD_IS_CURRENT, OldPolicy, RoundSchedule
 from megatron_psft.optimizer import OptimConfig, build_optimizer, unwrap, wrap_with_ddp
+from megatron_psft.plan import Sizes, format_plan
 from megatron_psft.step import forward_only_pass, policy_logprobs, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,7 +77,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     prec.add_argument("--recompute-modules", nargs="+", default=None)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data-prefix", required=True, help="output prefix of tools/preprocess_data.py")
+    data.add_argument("--data-prefix", help="output prefix of tools/preprocess_data.py (required but for --dry-run)")
     data.add_argument("--seq-length", type=int, default=4096)
     data.add_argument("--micro-batch-size", type=int, default=1)
     data.add_argument("--global-batch-size", type=int, default=32, help="sequences per optimizer step (the paper's mini-batch)")
@@ -109,11 +113,24 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     log.add_argument("--tensorboard-dir", default=None)
     log.add_argument("--log-clipped-tokens", action="store_true",
                      help="write per-step counts of clipped tokens to clipped_tokens.jsonl next to the metrics file")
+    plan = parser.add_argument_group("dry run")
+    plan.add_argument("--dry-run", action="store_true",
+                      help="resolve every flag, build the TransformerConfig and the layout for WORLD_SIZE "
+                           "processes, print the plan (sizes, parameters and memory per GPU) and exit; "
+                           "needs no GPU, process group, data or weights")
+    plan.add_argument("--dry-run-platform", choices=("auto", "gpu-te", "gpu", "cpu"), default="auto",
+                      help="platform to plan for; auto: this machine if it has a GPU, else a GPU with "
+                           f"Transformer Engine {platforms.MIN_TRANSFORMER_ENGINE}")
     args = parser.parse_args(argv)
 
+    if not args.data_prefix and not args.dry_run:
+        parser.error("--data-prefix is required")
+    if args.old_policy_interval != "never" and not args.old_policy_interval.isdigit():
+        parser.error(f"--old-policy-interval must be a number of steps or 'never', got {args.old_policy_interval!r}")
     args.old_policy_interval = None if args.old_policy_interval == "never" else int(args.old_policy_interval)
+    platform = run_platform(args)
     if args.params_dtype is None:
-        args.params_dtype = "fp32" if parallel.use_cpu() else "bf16"
+        args.params_dtype = "bf16" if platform.cuda else "fp32"
     if args.sft_warmup_steps >= args.train_iters and args.objective != "sft":
         parser.error("--sft-warmup-steps must be smaller than --train-iters")
     if args.moe_router_replay and (args.recompute_granularity == "full" or "moe" in (args.recompute_modules or [])):
@@ -122,7 +139,91 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--moe-router-replay / --moe-routing-flip-stats do not support a virtual pipeline yet")
     if args.metrics_file is None and args.save:
         args.metrics_file = os.path.join(args.save, "metrics.jsonl")
+    try:  # every check Megatron-Core would make at start-up, before any process group exists
+        resolve_run(args, platform)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     return args
+
+
+def run_platform(args: argparse.Namespace) -> platforms.Platform:
+    """This machine's platform; for a dry run on a machine without a GPU, the one it plans for."""
+    if args.dry_run and args.dry_run_platform != "auto":
+        return platforms.Platform.planned(args.dry_run_platform)
+    detected = platforms.current()
+    return platforms.Platform.planned("gpu-te") if args.dry_run and not detected.cuda else detected
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A launch's flags resolved into the model, its layout and Megatron-Core's TransformerConfig."""
+
+    hf_config: dict
+    model_args: Qwen3MoeArgs
+    layout: parallel.ParallelLayout
+    sizes: Sizes
+    transformer_config: object
+    resume_from: Optional[str]
+
+
+# Words of Megatron-Core's TransformerConfig errors -> the flags that set what they speak of.
+_CONFIG_WORDS_TO_FLAGS = {
+    "fp8": ("fp8_format", "fp8_recipe"), "scaling": ("fp8_recipe",), "delayed": ("fp8_recipe",),
+    "recompute": ("recompute_granularity", "recompute_modules", "recompute_method", "recompute_num_layers"),
+    "moe_act": ("recompute_modules",), "layernorm": ("recompute_modules",),
+    "sequence": ("sequence_parallel",), "tensor": ("tensor_model_parallel_size",),
+    "pipeline": ("pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size"),
+    "expert": ("expert_model_parallel_size", "expert_tensor_parallel_size"),
+    "dispatcher": ("moe_token_dispatcher_type",), "grouped": ("moe_grouped_gemm",),
+    "replay": ("moe_router_replay",), "dtype": ("params_dtype",), "bf16": ("params_dtype",),
+}
+
+
+def _flags_named_by(message: str, args: argparse.Namespace) -> str:
+    words = message.lower().replace("-", "_")
+    names = [name for word, flag_names in _CONFIG_WORDS_TO_FLAGS.items() if word in words for name in flag_names]
+    shown = []
+    for name in dict.fromkeys(names):
+        value = getattr(args, name, None)
+        if value in (None, False):
+            continue
+        flag = "--" + name.replace("_", "-")
+        shown.append(flag if value is True else f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return ", ".join(shown)
+
+
+def resolve_run(args: argparse.Namespace, platform: Optional[platforms.Platform] = None) -> ResolvedRun:
+    """Resolve the flags for WORLD_SIZE processes on `platform`: every refusal, ours and Megatron-Core's,
+    comes from here, naming the flags involved."""
+    layout = parallel.ParallelLayout(
+        tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
+        expert=args.expert_model_parallel_size, expert_tensor=args.expert_tensor_parallel_size,
+        virtual_pipeline=args.virtual_pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel)
+    sizes = Sizes.of(layout, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.global_batch_size % (sizes.data * args.micro_batch_size):
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by data-parallel size "
+                         f"{sizes.data} x --micro-batch-size {args.micro_batch_size}")
+    if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
+        raise ValueError("--seq-length must be divisible by --tensor-model-parallel-size under --sequence-parallel")
+    resume_from = args.load if args.load and checkpoint.latest_iteration(args.load) is not None else None
+    config_source = resume_from or args.pretrained_checkpoint
+    hf_config = checkpoint.read_hf_config(config_source) if config_source else load_hf_config(args.hf_config)
+    model_args = Qwen3MoeArgs.from_hf_config(hf_config)
+    try:
+        config = transformer_config(
+            model_args, layout, params_dtype=DTYPES[args.params_dtype], fp8=args.fp8_format,
+            fp8_recipe=args.fp8_recipe, moe_token_dispatcher=args.moe_token_dispatcher_type,
+            moe_grouped_gemm=args.moe_grouped_gemm, moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            routing_replay=args.moe_router_replay or args.moe_routing_flip_stats,
+            recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
+            platform=platform,
+            **({"recompute_method": args.recompute_method, "recompute_num_layers": args.recompute_num_layers}
+               if args.recompute_method else {}))
+    except (ValueError, AssertionError) as error:
+        message = str(error) or type(error).__name__
+        flags = "" if "--" in message else _flags_named_by(message, args)
+        raise ValueError(message + (f" [flags: {flags}]" if flags else "")) from error
+    return ResolvedRun(hf_config, model_args, layout, sizes, config, resume_from)
 
 
 class Trainer:
@@ -130,29 +231,14 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.layout = parallel.ParallelLayout(
-            tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
-            expert=args.expert_model_parallel_size, expert_tensor=args.expert_tensor_parallel_size,
-            virtual_pipeline=args.virtual_pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel)
+        run = resolve_run(args)
+        self.layout, self.hf_config, self.model_args = run.layout, run.hf_config, run.model_args
+        self.transformer_config = run.transformer_config
+        resume_from = run.resume_from
         parallel.initialize(self.layout, seed=args.seed)
-
-        resume_from = args.load if args.load and checkpoint.latest_iteration(args.load) is not None else None
-        config_source = resume_from or args.pretrained_checkpoint
-        self.hf_config = checkpoint.read_hf_config(config_source) if config_source else load_hf_config(args.hf_config)
-        self.model_args = Qwen3MoeArgs.from_hf_config(self.hf_config)
         self.dataset = SFTDataset(args.data_prefix)
         self._check_data()
-
-        params_dtype = DTYPES[args.params_dtype]
         self.objective = ObjectiveConfig(args.objective, args.eps_low, args.eps_high, args.kl_coef, args.entropy_top_fraction)
-        self.transformer_config = transformer_config(
-            self.model_args, self.layout, params_dtype=params_dtype, fp8=args.fp8_format, fp8_recipe=args.fp8_recipe,
-            moe_token_dispatcher=args.moe_token_dispatcher_type, moe_grouped_gemm=args.moe_grouped_gemm,
-            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-            routing_replay=args.moe_router_replay or args.moe_routing_flip_stats,
-            recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
-            **({"recompute_method": args.recompute_method, "recompute_num_layers": args.recompute_num_layers}
-               if args.recompute_method else {}))
         chunks = build_model_chunks(self.model_args, self.transformer_config)
         if args.pretrained_checkpoint and not resume_from:
             checkpoint.load_model(args.pretrained_checkpoint, chunks)
@@ -164,6 +250,7 @@ class Trainer:
         if self.frozen:
             _copy_weights(chunks, self.frozen)
 
+        params_dtype = DTYPES[args.params_dtype]
         optim = OptimConfig(lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
                             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
                             lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -196,12 +283,6 @@ class Trainer:
             raise ValueError(f"the data's tokenizer has {meta['vocab_size']} ids, the model only {self.model_args.vocab_size}")
         if meta["seq_length"] > args.seq_length:
             raise ValueError(f"data was preprocessed for --seq-length {meta['seq_length']} > {args.seq_length}")
-        if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
-            raise ValueError("--seq-length must be divisible by the tensor-parallel size under sequence parallelism")
-        dp = self.layout.data_parallel_size(dist.get_world_size())
-        if args.global_batch_size % (dp * args.micro_batch_size):
-            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                             f"data-parallel size {dp} x --micro-batch-size {args.micro_batch_size}")
 
     # --- data ---------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> List[dict]:
@@ -326,7 +407,7 @@ class Trainer:
         if rank_state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(rank_state["cuda_rng"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker_rng"])
-        self.old_policy.load_state_dict(rank_state["old_policy"])
+        self.old_policy.load_state_dict(checkpoint.to_device(rank_state["old_policy"], parallel.device()))
         parallel.print_rank_last(f"resumed from {checkpoint.resolve(root)} at step {self.step}")
 
     def run(self) -> None:
@@ -358,6 +439,12 @@ def _copy_weights(source_chunks, target_chunks) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
+    if args.dry_run:
+        platform = run_platform(args)
+        run = resolve_run(args, platform)
+        print(format_plan(platform=platform, model_args=run.model_args, config=run.transformer_config,
+                          sizes=run.sizes, args=args))
+        sys.exit(0)
     trainer = Trainer(args)
     trainer.run()
     parallel.destroy()

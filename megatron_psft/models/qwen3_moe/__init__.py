@@ -6,8 +6,7 @@ from megatron_psft.models.qwen3_moe.model import (
     build_model_chunks,
     padded_vocab_size,
     transformer_config,
-    use_transformer_engine,
 )
 
 __all__ = ["Qwen3MoeArgs", "build_model", "build_model_chunks", "load_hf_config", "padded_vocab_size",
-           "transformer_config", "use_transformer_engine"]
+           "transformer_config"]

@@ -1,35 +1,18 @@
 """Build Megatron-Core's ``GPTModel`` for Qwen3 / Qwen3-MoE.
 
-On GPU the Transformer Engine layer spec (fused norms, grouped-GEMM experts) is used, so FP8 works;
-on CPU the local spec. Both compute the same function and share one checkpoint format.
+With Transformer Engine the TE layer spec (fused norms, grouped-GEMM experts) is used, so FP8 works;
+without it (CPU, or a GPU without TE) the local spec. Both compute the same function and share one
+checkpoint format. Which fused kernels are switched on follows from :mod:`megatron_psft.platform`.
 """
 
-import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_psft import platform as platforms
 from megatron_psft.models.qwen3_moe.args import Qwen3MoeArgs
-from megatron_psft.parallel import ParallelLayout, use_cpu
-
-
-@functools.lru_cache(maxsize=None)
-def use_transformer_engine() -> bool:
-    if use_cpu():
-        return False  # TE does not import without a GPU (and breaks megatron.core there)
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _grad_accum_fusion_available() -> bool:
-    # Megatron's linear layers refuse the flag without APEX's fused_weight_gradient_mlp_cuda.
-    from megatron.core.tensor_parallel import layers
-
-    return layers._grad_accum_fusion_available
+from megatron_psft.parallel import ParallelLayout
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = 128) -> int:
@@ -51,15 +34,18 @@ def transformer_config(
     routing_replay: bool = False,
     recompute_granularity: Optional[str] = None,
     recompute_modules: Optional[list] = None,
+    platform: Optional[platforms.Platform] = None,
     **overrides,
 ):
-    """The ``TransformerConfig`` for `args` under `layout`. `overrides` go to TransformerConfig as is."""
+    """The ``TransformerConfig`` for `args` under `layout` on `platform` (default: this machine).
+    `overrides` go to TransformerConfig as is."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    on_gpu = not use_cpu()
-    te = use_transformer_engine()
-    if fp8 and not te:
-        raise ValueError("FP8 needs Transformer Engine on a GPU")
+    platform = platform or platforms.current()
+    platform.check(moe=args.is_moe, fp8=fp8, moe_grouped_gemm=moe_grouped_gemm)
+    te = platform.use_transformer_engine
+    # Kernels that import only on the target machine are switched on when it is actually there.
+    te_kernels = te and not platform.assumed
     if args.is_moe and layout.tensor > 1 and not layout.sequence_parallel:
         raise ValueError("MoE with tensor parallelism needs sequence parallelism (--sequence-parallel)")
     if args.is_moe and args.num_experts % layout.expert:
@@ -83,7 +69,7 @@ def transformer_config(
             moe_aux_loss_coeff=args.router_aux_loss_coef if moe_aux_loss_coeff is None else moe_aux_loss_coeff,
             moe_token_dispatcher_type=moe_token_dispatcher,
             moe_grouped_gemm=te if moe_grouped_gemm is None else moe_grouped_gemm,
-            moe_permute_fusion=te,
+            moe_permute_fusion=te_kernels,
             moe_enable_routing_replay=routing_replay,
         )
     fp8_settings = dict(fp8=fp8, fp8_recipe=fp8_recipe) if fp8 else {}
@@ -120,12 +106,12 @@ def transformer_config(
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
-        use_cpu_initialization=not on_gpu,
-        # Fused kernels need CUDA (and apex/TE); the CPU path runs the reference implementations.
-        gradient_accumulation_fusion=te and _grad_accum_fusion_available(),
+        use_cpu_initialization=not platform.cuda,
+        # Each fused kernel only where it exists; the rest run Megatron's reference implementations.
+        gradient_accumulation_fusion=te and platform.grad_accumulation_fusion,
         bias_activation_fusion=False,
-        masked_softmax_fusion=on_gpu,
-        apply_rope_fusion=te,
+        masked_softmax_fusion=platform.fused_softmax,
+        apply_rope_fusion=te_kernels,
         persist_layer_norm=False,
         calculate_per_token_loss=True,  # PSFT's token mean over the whole global batch
         **moe,
@@ -133,13 +119,14 @@ def transformer_config(
         **recompute,
     )
     config.update(overrides)
-    return TransformerConfig(**config)
+    with platform.as_megatron_sees_it():
+        return TransformerConfig(**config)
 
 
 def layer_spec(config):
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if use_transformer_engine():
+    if platforms.current().use_transformer_engine:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm, qk_layernorm=True
         )
@@ -172,7 +159,7 @@ def build_model(args: Qwen3MoeArgs, config, pre_process: bool, post_process: boo
         rotary_base=int(args.rope_theta),
         **kwargs,
     )
-    if not use_cpu():
+    if platforms.current().cuda:
         model.cuda(torch.cuda.current_device())
     return model
 
