@@ -26,12 +26,13 @@ class ParallelLayout:
 
     def __post_init__(self):
         if self.sequence_parallel and self.tensor == 1:
-            raise ValueError("sequence parallelism needs tensor parallelism > 1")
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = self.tensor * self.pipeline * self.context
         if world_size % model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel}")
+            raise ValueError(f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel} "
+                             "(--tensor-model-parallel-size x --pipeline-model-parallel-size)")
         return world_size // model_parallel
 
 

@@ -49,7 +49,7 @@ def test_fields_it_cannot_honour_are_errors(changes, message):
 
 def test_layouts_the_model_cannot_take_are_errors():
     args = Qwen3MoeArgs.from_hf_config(_config())
-    with pytest.raises(ValueError, match="sequence parallelism"):
+    with pytest.raises(ValueError, match="--sequence-parallel"):
         transformer_config(args, ParallelLayout(tensor=2))
     with pytest.raises(ValueError, match="KV heads"):
         transformer_config(args, ParallelLayout(tensor=8, sequence_parallel=True))

@@ -47,13 +47,14 @@ def transformer_config(
     # Kernels that import only on the target machine are switched on when it is actually there.
     te_kernels = te and not platform.assumed
     if args.is_moe and layout.tensor > 1 and not layout.sequence_parallel:
-        raise ValueError("MoE with tensor parallelism needs sequence parallelism (--sequence-parallel)")
+        raise ValueError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
     if args.is_moe and args.num_experts % layout.expert:
-        raise ValueError(f"{args.num_experts} experts do not divide over EP={layout.expert}")
+        raise ValueError(f"{args.num_experts} experts do not divide over --expert-model-parallel-size {layout.expert}")
     if args.num_kv_heads % layout.tensor:
-        raise ValueError(f"{args.num_kv_heads} KV heads do not divide over TP={layout.tensor}")
+        raise ValueError(f"{args.num_kv_heads} KV heads do not divide over --tensor-model-parallel-size {layout.tensor}")
     if args.num_layers % (layout.pipeline * (layout.virtual_pipeline or 1)):
-        raise ValueError(f"{args.num_layers} layers do not divide over PP={layout.pipeline} x VPP={layout.virtual_pipeline}")
+        raise ValueError(f"{args.num_layers} layers do not divide over --pipeline-model-parallel-size {layout.pipeline}"
+                         f" x --virtual-pipeline-model-parallel-size {layout.virtual_pipeline or 1}")
     moe = {}
     if args.is_moe:
         moe = dict(

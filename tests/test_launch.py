@@ -1,0 +1,214 @@
+"""What a cluster launch resolves to, checked without a GPU: the platform's kernel choices, every
+refusal at argument parsing (naming the flags), the dry run's plan against built models and the one
+measured H100 point, and where a resumed rank's state is placed."""
+
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+from megatron_psft import checkpoint, parallel
+from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, transformer_config
+from megatron_psft.parallel import ParallelLayout
+from megatron_psft.plan import Sizes, memory_per_gpu, parameters_per_gpu
+from megatron_psft.platform import MIN_TRANSFORMER_ENGINE, Platform
+from megatron_psft.train import parse_args
+
+GPU_NO_TE = Platform(cuda=True, transformer_engine=None, megatron_core="0.19.2", assumed=True)
+GPU_TE = Platform(cuda=True, transformer_engine=MIN_TRANSFORMER_ENGINE, megatron_core="0.19.2", assumed=True)
+
+
+def _args(name="30b-a3b", **changes):
+    return Qwen3MoeArgs.from_hf_config({**load_hf_config(name), **changes})
+
+
+# --- the platform decides the kernels -------------------------------------------------------------
+
+def test_gpu_without_te_uses_no_fused_kernel_it_lacks():
+    config = transformer_config(_args(), ParallelLayout(), params_dtype=torch.bfloat16, platform=GPU_NO_TE)
+    assert not config.masked_softmax_fusion  # scaled_masked_softmax_cuda is not there: the H100 crash
+    assert not (config.apply_rope_fusion or config.moe_permute_fusion or config.gradient_accumulation_fusion)
+    assert not config.use_cpu_initialization and config.bf16
+
+
+def test_fused_softmax_is_used_where_its_extension_exists():
+    platform = Platform(cuda=True, transformer_engine=None, megatron_core="0.19.2", fused_softmax=True, assumed=True)
+    assert transformer_config(_args(), ParallelLayout(), platform=platform).masked_softmax_fusion
+
+
+def test_cpu_platform_initialises_on_cpu():
+    cpu = Platform(cuda=False, transformer_engine=None, megatron_core="0.16.1")
+    config = transformer_config(_args("debug"), ParallelLayout(), platform=cpu)
+    assert config.use_cpu_initialization and not config.masked_softmax_fusion
+
+
+@pytest.mark.parametrize("platform, kwargs, message", [
+    (GPU_NO_TE, dict(fp8="hybrid"), "--fp8-format hybrid needs Transformer Engine"),
+    (Platform(cuda=False, transformer_engine=None, megatron_core="0.16.1"), dict(fp8="e4m3"), "--fp8-format"),
+    (GPU_NO_TE, dict(moe_grouped_gemm=True), "--moe-grouped-gemm needs Transformer Engine"),
+    (Platform(cuda=True, transformer_engine="2.1.0", megatron_core="0.19.2"), {}, "older than the supported"),
+    (Platform(cuda=True, transformer_engine=None, megatron_core="0.16.1"), {}, "te_general_gemm"),
+])
+def test_platform_refusals_name_the_fix(platform, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        transformer_config(_args(), ParallelLayout(), platform=platform, **kwargs)
+
+
+def test_megatron_core_0_16_without_te_still_runs_a_dense_model():
+    dense = Qwen3MoeArgs.from_hf_config({**load_hf_config("debug"), "architectures": ["Qwen3ForCausalLM"]})
+    config = transformer_config(dense, ParallelLayout(),
+                                platform=Platform(cuda=True, transformer_engine=None, megatron_core="0.16.1"))
+    assert config.num_moe_experts is None
+
+
+# --- refusals at argument parsing -------------------------------------------------------------------
+
+CLUSTER = ["--hf-config", "30b-a3b", "--train-iters", "100", "--data-prefix", "unused", "--dry-run",
+           "--dry-run-platform", "gpu-te", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "8",
+           "--expert-tensor-parallel-size", "1", "--sequence-parallel", "--moe-grouped-gemm",
+           "--fp8-format", "hybrid", "--recompute-granularity", "selective", "--recompute-modules", "moe_act", "layernorm"]
+
+
+@pytest.mark.parametrize("flags, world_size, named", [
+    (["--fp8-recipe", "delayed"], 16, ["--fp8-recipe delayed", "--recompute-modules moe_act layernorm"]),
+    (["--global-batch-size", "12"], 16, ["--global-batch-size 12", "--micro-batch-size"]),
+    (["--seq-length", "4095"], 16, ["--seq-length", "--sequence-parallel"]),
+    (["--expert-model-parallel-size", "3", "--global-batch-size", "24"], 24, ["--expert-model-parallel-size 3"]),
+    (["--sft-warmup-steps", "100"], 16, ["--sft-warmup-steps"]),
+    (["--moe-router-replay", "--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "1"], 16, ["--moe-router-replay"]),
+    (["--moe-router-replay", "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+     16, ["--moe-router-replay"]),
+    (["--old-policy-interval", "sometimes"], 16, ["--old-policy-interval"]),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 6, ["world size 6"]),
+    (["--tensor-model-parallel-size", "8"], 16, ["KV heads", "--tensor-model-parallel-size"]),
+    (["--dry-run-platform", "gpu"], 16, ["--fp8-format hybrid needs Transformer Engine"]),
+])
+def test_bad_combinations_are_refused_at_parsing_naming_the_flags(flags, world_size, named, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(CLUSTER + flags)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    for flag in named:
+        assert flag in error, error
+
+
+def test_the_cluster_defaults_parse(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    args = parse_args(CLUSTER + ["--fp8-recipe", "tensorwise"])
+    assert args.params_dtype == "bf16"  # planned for a GPU
+
+
+def test_data_prefix_is_required_outside_a_dry_run(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--train-iters", "4"])
+    assert "--data-prefix is required" in capsys.readouterr().err
+
+
+def test_fp8_on_this_machine_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--train-iters", "4", "--data-prefix", "x", "--fp8-format", "hybrid"])
+    assert "needs Transformer Engine" in capsys.readouterr().err
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+def test_memory_estimate_matches_the_measured_h100_point():
+    """Qwen3-30B-A3B widths, 2 layers, seq 4096, micro-batch 1, bf16, TP1, local spec, distributed
+    optimizer: 44.6 GiB peak allocated on one H100 (megatron-core 0.19.2)."""
+    args = _args(num_hidden_layers=2)
+    config = transformer_config(args, ParallelLayout(), params_dtype=torch.bfloat16, platform=GPU_NO_TE)
+    memory = memory_per_gpu(args, config, Sizes.of(ParallelLayout(), 1), GPU_NO_TE, 4096, 1, 4, True)
+    assert memory["total"] == pytest.approx(44.6, rel=0.1), memory
+
+
+def test_memory_estimate_responds_to_sharding_and_recompute():
+    args = _args(num_hidden_layers=4)
+    layout = ParallelLayout(tensor=2, expert=8, expert_tensor=1, sequence_parallel=True)
+    base = dict(params_dtype=torch.bfloat16, platform=GPU_TE)
+    plain = transformer_config(args, layout, **base)
+    recompute = transformer_config(args, layout, recompute_granularity="selective",
+                                   recompute_modules=["moe_act", "layernorm"], **base)
+    sizes = Sizes.of(layout, 16)
+    with_recompute = memory_per_gpu(args, recompute, sizes, GPU_TE, 4096, 1, 32, True)
+    without = memory_per_gpu(args, plain, sizes, GPU_TE, 4096, 1, 32, True)
+    replicated = memory_per_gpu(args, plain, sizes, GPU_TE, 4096, 1, 32, False)
+    assert with_recompute["activations"] < without["activations"]
+    assert replicated["optimizer"] > 1.9 * without["optimizer"]  # 8-way dense / 2-way expert sharding gone
+
+
+def _count_parameters(layouts):
+    from megatron_psft.models.qwen3_moe import build_model_chunks
+
+    import torch.distributed as dist
+
+    args = _args("debug")
+    counts = {}
+    for name, layout_kwargs in layouts.items():
+        layout = ParallelLayout(**layout_kwargs)
+        parallel.initialize(layout)
+        chunks = build_model_chunks(args, transformer_config(args, layout))
+        expert = sum(p.numel() for chunk in chunks for n, p in chunk.named_parameters() if ".experts." in n)
+        total = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+        parallel.destroy()
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (total - expert, expert))
+        counts[name] = gathered
+    return counts
+
+
+PARAMETER_LAYOUTS = {
+    "tp1_dp4": dict(),
+    "tp2_ep2_sp": dict(tensor=2, expert=2, sequence_parallel=True),
+    "tp2_ep4_etp1_sp": dict(tensor=2, expert=4, expert_tensor=1, sequence_parallel=True),
+    "pp2": dict(pipeline=2),
+    "pp2_vpp2_tp2_sp": dict(pipeline=2, virtual_pipeline=2, tensor=2, sequence_parallel=True),
+}
+
+
+def test_parameters_per_gpu_match_the_built_model():
+    counts = run_distributed(4, _count_parameters, PARAMETER_LAYOUTS)[0]
+    args = _args("debug")
+    for name, layout_kwargs in PARAMETER_LAYOUTS.items():
+        planned = parameters_per_gpu(args, Sizes.of(ParallelLayout(**layout_kwargs), 4))
+        most_loaded = max(counts[name], key=sum)
+        assert (planned["dense"], planned["expert"]) == most_loaded, (name, planned, counts[name])
+
+
+# --- a resumed rank's state --------------------------------------------------------------------------
+
+def test_resume_keeps_rng_states_on_the_host_and_moves_the_old_policy_to_the_device(tmp_path, monkeypatch):
+    """On a GPU, loading the rank state onto the device broke torch.set_rng_state. The "meta" device
+    stands in for the GPU: torch.set_rng_state refuses it the same way."""
+    from megatron.core import tensor_parallel
+
+    from megatron_psft.train import Trainer
+
+    os.makedirs(tmp_path / "rank_state")
+    (tmp_path / "metadata.json").write_text("{}")  # makes tmp_path a checkpoint directory
+    old_logprobs = torch.randn(2, 5)
+    torch.save({"torch_rng": torch.get_rng_state(), "cuda_rng": None,
+                "tracker_rng": {"model-parallel-rng": torch.get_rng_state()},
+                "old_policy": {"outputs": {3: [{"logprobs": old_logprobs}]}}},
+               tmp_path / "rank_state" / "rank_00000.pt")
+    monkeypatch.setattr(checkpoint, "load_training_state",
+                        lambda root, *a, **k: ({"step": 3}, checkpoint.load_rank_state(str(tmp_path), 0)))
+    monkeypatch.setattr(parallel, "device", lambda: torch.device("meta"))
+    restored = {}
+    monkeypatch.setattr(tensor_parallel.get_cuda_rng_tracker(), "set_states", lambda states: restored.update(states))
+
+    class _OldPolicy:
+        def load_state_dict(self, state):
+            restored["old_policy"] = state
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.args = parse_args(["--train-iters", "4", "--data-prefix", "x", "--dry-run"])
+    trainer.model = trainer.optimizer = trainer.scheduler = trainer.frozen = None
+    trainer.old_policy = _OldPolicy()
+    monkeypatch.setattr("megatron_psft.train.RESUME_INVARIANTS", ())
+    trainer._resume(str(tmp_path))
+    assert trainer.step == 3
+    assert restored["model-parallel-rng"].device.type == "cpu"
+    assert restored["old_policy"]["outputs"][3][0]["logprobs"].device.type == "meta"
