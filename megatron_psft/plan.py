@@ -181,7 +181,8 @@ def format_plan(*, platform: Platform, model_args: Qwen3MoeArgs, config, sizes: 
         f"{micro_batches} micro-batches, seq {args.seq_length}",
         f"  precision    {args.params_dtype}, {fp8}, grouped GEMM {'on' if config.moe_grouped_gemm else 'off'}, "
         f"recompute {recompute}",
-        f"  objective    {args.objective}, old policy every {args.old_policy_interval or 'never'} steps",
+        f"  objective    {args.objective}, old policy "
+        + (f"every {args.old_policy_interval} steps" if args.old_policy_interval else "never refreshed"),
         f"  params/GPU   dense {_count(params['dense'])}, expert {_count(params['expert'])}",
         f"  memory/GPU   estimate, {unit} ({'distributed' if args.use_distributed_optimizer else 'replicated'} optimizer):",
     ]

@@ -1,23 +1,35 @@
-"""examples/run_psft_moe.sh's embedded default, shortened: trains, checkpoints, exports to HF and
-writes the clipped-token report; the export loads in transformers."""
+"""examples/run_psft_moe.sh: its embedded default, shortened (trains, checkpoints, exports to HF and
+writes the clipped-token report; the export loads in transformers), and DRY_RUN plans of the cluster
+defaults and of every variant docs/run_script.md documents, resolved as the launch would resolve them."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "examples", "run_psft_moe.sh")
+CLUSTER_VARIABLES = ("PRETRAINED", "DATA_PREFIX", "SAVE_DIR", "NNODES", "SLURM_JOB_ID", "HF_CONFIG", "DRY_RUN",
+                     "FP8_FORMAT", "FP8_RECIPE", "TP", "EP", "ETP", "PP", "SEQUENCE_PARALLEL", "GPUS_PER_NODE")
+
+
+def _script_env(**variables):
+    env = {key: value for key, value in os.environ.items() if key not in CLUSTER_VARIABLES}
+    return {**env, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", **variables}
+
+
+def _dry_run(**variables):
+    return subprocess.run(["bash", SCRIPT], env=_script_env(DRY_RUN="1", **variables), capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_embedded_default_trains_saves_and_exports(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "RUN_DIR": str(tmp_path), "TRAIN_ITERS": "6",
-           "SFT_WARMUP_STEPS": "2", "OLD_POLICY_INTERVAL": "2", "MASTER_PORT": "29533"}
-    for cluster_variable in ("PRETRAINED", "DATA_PREFIX", "SAVE_DIR", "NNODES", "SLURM_JOB_ID"):
-        env.pop(cluster_variable, None)
-    result = subprocess.run(["bash", os.path.join(ROOT, "examples", "run_psft_moe.sh")], env=env,
-                            capture_output=True, text=True, timeout=600)
+    env = _script_env(RUN_DIR=str(tmp_path), TRAIN_ITERS="6", SFT_WARMUP_STEPS="2", OLD_POLICY_INTERVAL="2",
+                      MASTER_PORT="29533")
+    result = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     checkpoints = tmp_path / "checkpoints"
@@ -34,3 +46,50 @@ def test_embedded_default_trains_saves_and_exports(tmp_path):
     ids = tokenizer("What is 2 + 3?", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_dry_run_plans_the_cluster_defaults():
+    result = _dry_run(HF_CONFIG="30b-a3b", NNODES="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = result.stdout
+    assert "16 GPUs: TP2 x PP1 x DP8, SP on" in plan and "EP8 x ETP1 x expert-DP2" in plan, plan
+    assert "FP8 hybrid (tensorwise)" in plan and "recompute selective: moe_act layernorm" in plan, plan
+    assert "Transformer Engine" in plan and "total" in plan
+
+
+def test_dry_run_refuses_delayed_scaling_with_the_default_recompute():
+    result = _dry_run(HF_CONFIG="30b-a3b", NNODES="2", FP8_RECIPE="delayed")
+    assert result.returncode != 0
+    assert "--fp8-recipe delayed" in result.stderr and "--recompute-modules moe_act layernorm" in result.stderr
+
+
+# Every variant docs/run_script.md documents, on top of HF_CONFIG=30b-a3b NNODES=2: what the plan must show.
+VARIANTS = {
+    "one_node": (dict(NNODES="1", EP="8", TP="1", SEQUENCE_PARALLEL="0"), "8 GPUs: TP1 x PP1 x DP8, SP off"),
+    "bf16": (dict(FP8_FORMAT=""), "bf16, no FP8"),
+    "pipeline": (dict(PP="2"), "TP2 x PP2 x DP4"),
+    "no_recompute": (dict(RECOMPUTE_GRANULARITY=""), "recompute off"),
+    "never_refresh": (dict(OLD_POLICY_INTERVAL="never"), "old policy never refreshed"),
+    "sft_kl_allgather_replay": (dict(OBJECTIVE="sft-kl", MOE_DISPATCHER="allgather", MOE_ROUTER_REPLAY="1"),
+                                "objective    sft-kl"),
+    "embedded": (dict(HF_CONFIG="", NNODES=""), "4 processes: TP2 x PP1 x DP2, SP on"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_dry_run_of_each_documented_variant(name):
+    variables, expected = VARIANTS[name]
+    variables = {**dict(HF_CONFIG="30b-a3b", NNODES="2"), **variables}
+    result = _dry_run(**{key: value for key, value in variables.items() if value or key not in ("HF_CONFIG", "NNODES")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expected in result.stdout, result.stdout
+
+
+def test_dry_run_reads_the_hf_config_next_to_a_checkpoint(tmp_path):
+    with open(os.path.join(ROOT, "megatron_psft", "models", "qwen3_moe", "configs", "30b-a3b.json")) as f:
+        config = json.load(f)
+    config["num_hidden_layers"] = 24  # something only this file says
+    (tmp_path / "hf_config.json").write_text(json.dumps(config))
+    result = _dry_run(PRETRAINED=str(tmp_path), NNODES="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "24 layers" in result.stdout
