@@ -7,10 +7,11 @@ setup(
     packages=find_packages(include=["megatron_psft*", "checkpoint_convert*"]),
     package_data={"megatron_psft": ["assets/**/*"]},
     python_requires=">=3.10",
-    # Loose on purpose: cluster containers bring their own (newer) torch and megatron-core.
+    # Cluster containers bring their own torch. megatron-core: the CPU suite runs 0.16.1 (Python 3.11)
+    # and 0.19.2 (Python 3.12); cpu_compat refuses other versions on CPU.
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.20",
         "transformers>=4.51",
         "safetensors",
         "sentencepiece",
@@ -18,7 +19,9 @@ setup(
         "psutil",
     ],
     extras_require={
-        "gpu": ["transformer-engine[pytorch]>=2.0", "nvidia-modelopt"],
+        # 2.6: FP8 with selective moe_act / layernorm recompute (megatron-core's own check; the run
+        # script's default); moe_permute_fusion needs 2.1. Matches platform.MIN_TRANSFORMER_ENGINE.
+        "gpu": ["transformer-engine[pytorch]>=2.6,<3", "nvidia-modelopt"],
         "apex": ["apex"],
         "metrics": ["tensorboard", "matplotlib"],
         "test": ["pytest"],
