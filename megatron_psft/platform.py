@@ -28,7 +28,7 @@ def _version_tuple(version: str) -> tuple:
     for piece in version.split("+")[0].split(".")[:3]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 @dataclass(frozen=True)

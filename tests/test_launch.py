@@ -212,3 +212,14 @@ def test_resume_keeps_rng_states_on_the_host_and_moves_the_old_policy_to_the_dev
     assert trainer.step == 3
     assert restored["model-parallel-rng"].device.type == "cpu"
     assert restored["old_policy"]["outputs"][3][0]["logprobs"].device.type == "meta"
+
+
+def test_setup_declares_the_transformer_engine_the_platform_requires():
+    """moe_permute_fusion needs TE 2.1 and the default FP8 recompute 2.6: the install must not admit less."""
+    import re
+
+    from megatron_psft.platform import _version_tuple
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")) as f:
+        declared = re.search(r'"transformer-engine\[pytorch\]>=([0-9.]+)', f.read()).group(1)
+    assert _version_tuple(declared) == _version_tuple(MIN_TRANSFORMER_ENGINE) >= (2, 6, 0)
