@@ -69,6 +69,7 @@ VARIANTS = {
     "bf16": (dict(FP8_FORMAT=""), "bf16, no FP8"),
     "pipeline": (dict(PP="2"), "TP2 x PP2 x DP4"),
     "no_recompute": (dict(RECOMPUTE_GRANULARITY=""), "recompute off"),
+    "delayed_without_recompute": (dict(FP8_RECIPE="delayed", RECOMPUTE_GRANULARITY=""), "FP8 hybrid (delayed)"),
     "never_refresh": (dict(OLD_POLICY_INTERVAL="never"), "old policy never refreshed"),
     "sft_kl_allgather_replay": (dict(OBJECTIVE="sft-kl", MOE_DISPATCHER="allgather", MOE_ROUTER_REPLAY="1"),
                                 "objective    sft-kl"),
