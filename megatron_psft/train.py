@@ -226,6 +226,15 @@ def resolve_run(args: argparse.Namespace, platform: Optional[platforms.Platform]
     return ResolvedRun(hf_config, model_args, layout, sizes, config, resume_from)
 
 
+def check_data(meta: dict, model_args: Qwen3MoeArgs, args: argparse.Namespace) -> None:
+    """The preprocessed data fits the model and the flags."""
+    if meta["vocab_size"] > model_args.vocab_size:
+        raise ValueError(f"the data's tokenizer ({args.data_prefix}) has {meta['vocab_size']} ids, the model only "
+                         f"{model_args.vocab_size}")
+    if meta["seq_length"] > args.seq_length:
+        raise ValueError(f"{args.data_prefix} was preprocessed for --seq-length {meta['seq_length']} > {args.seq_length}")
+
+
 class Trainer:
     """Holds the policy, its optimizer, the old policy and the data position of one training run."""
 
@@ -237,7 +246,7 @@ class Trainer:
         resume_from = run.resume_from
         parallel.initialize(self.layout, seed=args.seed)
         self.dataset = SFTDataset(args.data_prefix)
-        self._check_data()
+        check_data(self.dataset.meta, self.model_args, args)
         self.objective = ObjectiveConfig(args.objective, args.eps_low, args.eps_high, args.kl_coef, args.entropy_top_fraction)
         chunks = build_model_chunks(self.model_args, self.transformer_config)
         if args.pretrained_checkpoint and not resume_from:
@@ -276,13 +285,6 @@ class Trainer:
             if resumed_step is not None:
                 drop_steps_after(path, resumed_step)
             self.clipped_tokens_file = open(path, "a")
-
-    def _check_data(self) -> None:
-        meta, args = self.dataset.meta, self.args
-        if meta["vocab_size"] > self.model_args.vocab_size:
-            raise ValueError(f"the data's tokenizer has {meta['vocab_size']} ids, the model only {self.model_args.vocab_size}")
-        if meta["seq_length"] > args.seq_length:
-            raise ValueError(f"data was preprocessed for --seq-length {meta['seq_length']} > {args.seq_length}")
 
     # --- data ---------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> List[dict]:

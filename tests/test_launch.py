@@ -223,3 +223,16 @@ def test_setup_declares_the_transformer_engine_the_platform_requires():
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")) as f:
         declared = re.search(r'"transformer-engine\[pytorch\]>=([0-9.]+)', f.read()).group(1)
     assert _version_tuple(declared) == _version_tuple(MIN_TRANSFORMER_ENGINE) >= (2, 6, 0)
+
+
+@pytest.mark.parametrize("meta, message", [
+    (dict(vocab_size=2000, seq_length=64), "has 2000 ids, the model only 1000"),
+    (dict(vocab_size=1000, seq_length=256), "preprocessed for --seq-length 256 > 128"),
+])
+def test_data_that_does_not_fit_is_refused(meta, message):
+    from megatron_psft.train import check_data
+
+    args = parse_args(["--train-iters", "4", "--data-prefix", "/data/chat", "--seq-length", "128"])
+    with pytest.raises(ValueError, match=message):
+        check_data(meta, _args("debug"), args)
+    check_data(dict(vocab_size=1000, seq_length=128), _args("debug"), args)  # the boundary fits
