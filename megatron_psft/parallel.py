@@ -40,6 +40,13 @@ def use_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def select_local_device() -> None:
+    """Bind this process to its GPU (torchrun's LOCAL_RANK) before anything touches CUDA, so no rank
+    opens a context on GPU 0 by accident."""
+    if not use_cpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init_process_group(timeout_minutes: int = 30) -> None:
     """Start torch.distributed from torchrun's environment (a single process when there is none)."""
     if dist.is_initialized():
@@ -55,7 +62,7 @@ def init_process_group(timeout_minutes: int = 30) -> None:
         cpu_compat.apply()
         backend = "gloo"
     else:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        select_local_device()
         backend = "nccl"
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 

@@ -44,9 +44,12 @@ class Platform:
     def detect(cls) -> "Platform":
         import megatron.core
 
+        from megatron_psft import parallel
+
         cuda = torch.cuda.is_available()
         te_version = None
         if cuda:  # TE does not import without a GPU (and breaks megatron.core there)
+            parallel.select_local_device()
             try:
                 import transformer_engine
 
