@@ -11,13 +11,16 @@ Layout of a checkpoint root (shared with ``checkpoint_convert``)::
 
 The model part is layout-free (global tensors), so a checkpoint loads at any TP / PP / EP / ETP;
 the optimizer part is saved ``dp_reshardable`` and resumes at the layout it was saved with.
-A checkpoint is written to ``iter_*.incomplete`` and renamed into place once every rank has
-finished, so nothing half-written ever looks like a checkpoint.
+A checkpoint is written to ``iter_*.incomplete``, synced to disk, and renamed into place once every
+rank has finished; the ``latest`` marker is replaced atomically last. A process killed at any point
+leaves the previous checkpoint the latest, and the next save removes the leftovers.
 """
 
+import glob
 import json
 import os
 import shutil
+import signal
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -70,6 +73,37 @@ def _load_model_state(model_chunks, state, prefix: str = "") -> None:
         unwrap(chunk).load_state_dict({k[len(prefix):]: v for k, v in chunk_state.items()}, strict=True)
 
 
+KILL_POINT_VARIABLE = "PSFT_TEST_KILL_AT"  # test-only: SIGKILL this process at the named point of a save
+
+
+def _kill_point(name: str) -> None:
+    """Fault injection for the crash-consistency test: with ``PSFT_TEST_KILL_AT=name`` the rank
+    ``PSFT_TEST_KILL_RANK`` (default 0) dies here as a node would, without cleaning up."""
+    if os.environ.get(KILL_POINT_VARIABLE) == name and dist.get_rank() == int(os.environ.get("PSFT_TEST_KILL_RANK", "0")):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_written_files(staging: str, rank_file: Optional[str]) -> None:
+    """Each rank syncs the files it wrote (torch_dist names its shards ``__RANK_*``); rank 0 also the
+    common files and the directories, so the rename publishes data that is on disk."""
+    rank = dist.get_rank()
+    mine = glob.glob(os.path.join(staging, f"__{rank}_*")) + ([rank_file] if rank_file else [])
+    if rank == 0:
+        mine += [p for p in glob.glob(os.path.join(staging, "*")) if os.path.isfile(p) and not
+                 os.path.basename(p).startswith("__")]
+        mine += [staging] + ([os.path.dirname(rank_file)] if rank_file else [])
+    for path in mine:
+        _fsync(path)
+
+
 def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=None, scheduler=None,
          trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None, frozen_chunks=None) -> str:
     """Save a complete checkpoint (collective: every rank calls it)."""
@@ -78,9 +112,11 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
     final = iteration_dir(root, iteration)
     staging = final + ".incomplete"
     if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
+        for stale in glob.glob(os.path.join(root, "iter_*.incomplete")):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
+    _kill_point("staging_created")
 
     model_state = model_sharded_state_dict(model_chunks)
     state = {"model": model_state}
@@ -92,31 +128,63 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
         state["trainer_state"] = trainer_state
     if frozen_chunks:
         state["frozen_policy"] = model_sharded_state_dict(frozen_chunks, FROZEN_PREFIX)
-    dist_checkpointing.save(state, staging)
-    if rank_state is not None:
-        os.makedirs(os.path.join(staging, "rank_state"), exist_ok=True)
-        torch.save(rank_state, os.path.join(staging, "rank_state", f"rank_{dist.get_rank():05d}.pt"))
-    dist.barrier()
-
+    dist_checkpointing.save(state, staging)  # wants an empty directory: the rest is written after it
+    _kill_point("model_saved")
     if dist.get_rank() == 0:
         with open(os.path.join(staging, HF_CONFIG_FILE), "w") as f:
             json.dump(hf_config, f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
+    rank_file = None
+    if rank_state is not None:
+        rank_file = os.path.join(staging, "rank_state", f"rank_{dist.get_rank():05d}.pt")
+        os.makedirs(os.path.dirname(rank_file), exist_ok=True)
+        torch.save(rank_state, rank_file)
+    _kill_point("rank_state_saved")
+    _sync_written_files(staging, rank_file)
+    dist.barrier()
+
+    if dist.get_rank() == 0:
+        _kill_point("before_rename")
+        shutil.rmtree(final, ignore_errors=True)  # a save of this step that never became the latest
         os.replace(staging, final)
+        _fsync(root)
+        _kill_point("renamed")
         latest_tmp = os.path.join(root, LATEST_FILE + ".tmp")
         with open(latest_tmp, "w") as f:
             f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        _kill_point("latest_written")
         os.replace(latest_tmp, os.path.join(root, LATEST_FILE))
+        _fsync(root)
     dist.barrier()
     return final
 
 
-def load_model(path: str, model_chunks) -> None:
-    """Load only the model weights (a converted HF checkpoint, or a training checkpoint), any layout."""
+def load_model(path: str, model_chunks, frozen_chunks=None) -> None:
+    """Load only the model weights (a converted HF checkpoint, or a training checkpoint), any layout;
+    with `frozen_chunks`, also the frozen policy a training checkpoint holds."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load({"model": model_sharded_state_dict(model_chunks)}, resolve(path))
+    request = {"model": model_sharded_state_dict(model_chunks)}
+    if frozen_chunks:
+        request["frozen_policy"] = model_sharded_state_dict(frozen_chunks, FROZEN_PREFIX)
+    loaded = dist_checkpointing.load(request, resolve(path))
     _load_model_state(model_chunks, loaded["model"])
+    if frozen_chunks:
+        _load_model_state(frozen_chunks, loaded["frozen_policy"], FROZEN_PREFIX)
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """A checkpoint the trainer saved (trainer state, optimizer, per-rank state), rather than weights
+    alone (a converter's output)."""
+    return os.path.isdir(os.path.join(resolve(path), "rank_state"))
+
+
+def read_common_state(path: str) -> dict:
+    """The checkpoint's small common entries (trainer state, scheduler) without loading any tensor."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(resolve(path))
 
 
 def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_chunks=None) -> tuple:

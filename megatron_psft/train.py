@@ -8,6 +8,7 @@ Everything else (parallel groups, the model, the optimizer, checkpoints) comes f
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,12 +29,21 @@ from megatron_psft.plan import Sizes, format_plan
 from megatron_psft.step import forward_only_pass, policy_logprobs, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Settings a resumed run must share with its checkpoint.
+# Settings a resumed run must share with its checkpoint: they place the data and the old-policy round.
 RESUME_INVARIANTS = ("seed", "global_batch_size", "micro_batch_size", "seq_length", "objective",
                      "old_policy_interval", "sft_warmup_steps", "data_prefix")
+# Settings the optimizer state and the per-rank state are laid out by: changing one needs
+# --no-load-optim or --finetune (the weights themselves are layout-free).
+LAYOUT_INVARIANTS = ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
+                     "expert_tensor_parallel_size", "params_dtype", "fp8_format", "fp8_recipe",
+                     "use_distributed_optimizer")
+# The learning-rate / weight-decay schedule's settings, as OptimizerParamScheduler saves them.
+SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd",
+                 "wd_incr_steps", "wd_incr_style")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Proximal Supervised Fine-Tuning on Megatron-Core",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model and checkpoints")
@@ -41,11 +51,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                        help="HF config.json, HF model dir, or a bundled flavour (debug, 30b-a3b). "
                             "Ignored when --pretrained-checkpoint or a resumable --load holds one")
     model.add_argument("--pretrained-checkpoint", help="Megatron checkpoint (e.g. from checkpoint_convert.hf_to_megatron) to start from")
-    model.add_argument("--load", help="checkpoint root to resume from when it holds a complete checkpoint")
+    model.add_argument("--load", help="checkpoint root to resume from when it holds a complete training checkpoint "
+                                      "(one holding only weights, e.g. a converter's output, starts from them)")
+    model.add_argument("--finetune", action="store_true",
+                       help="from --load take the weights only: step 0, fresh optimizer, schedule and old policy "
+                            "(continue at another layout, dtype or optimizer setting)")
+    model.add_argument("--no-load-optim", action="store_true",
+                       help="from --load take the weights and the step; fresh optimizer state, RNG and old-policy "
+                            "round (continue at another layout, dtype or optimizer setting)")
+    model.add_argument("--override-opt-param-scheduler", action="store_true",
+                       help="on resume, follow the learning-rate flags, not the checkpoint's schedule")
+    model.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                       help="on resume, keep the checkpoint's learning-rate schedule whatever the flags say")
     model.add_argument("--save", help="checkpoint root to save to")
     model.add_argument("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
     model.add_argument("--exit-interval", type=int, default=0,
                        help="stop (and save) once the step count is a multiple of N; the schedule still spans --train-iters")
+    model.add_argument("--exit-duration-in-mins", type=float, default=None,
+                       help="stop (and save) after the step that passes this many minutes of this run")
+    model.add_argument("--exit-signal-handler", action="store_true",
+                       help="on SIGTERM (SLURM's preemption and time limit) every rank finishes its step, saves, "
+                            "and exits 0")
     model.add_argument("--seed", type=int, default=1234)
 
     par = parser.add_argument_group("parallelism")
@@ -61,7 +87,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     prec = parser.add_argument_group("precision, MoE and recompute")
     prec.add_argument("--params-dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     prec.add_argument("--fp8-format", choices=("hybrid", "e4m3"), default=None)
-    prec.add_argument("--fp8-recipe", choices=("delayed", "tensorwise", "mxfp8", "blockwise"), default="delayed")
+    prec.add_argument("--fp8-recipe", choices=("delayed", "tensorwise", "mxfp8", "blockwise"), default=None,
+                      help="default with --fp8-format: tensorwise (docs/run_script.md says why)")
     prec.add_argument("--moe-token-dispatcher-type", choices=("alltoall", "allgather"), default="alltoall")
     prec.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
                       help="default: on with Transformer Engine")
@@ -121,22 +148,65 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     plan.add_argument("--dry-run-platform", choices=("auto", "gpu-te", "gpu", "cpu"), default="auto",
                       help="platform to plan for; auto: this machine if it has a GPU, else a GPU with "
                            f"Transformer Engine {platforms.MIN_TRANSFORMER_ENGINE}")
-    args = parser.parse_args(argv)
+    return parser
+
+
+# Flags that must be at least 1, and at least 0.
+_POSITIVE = ("train_iters", "seq_length", "micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
+             "pipeline_model_parallel_size", "expert_model_parallel_size")
+_NON_NEGATIVE = ("save_interval", "exit_interval", "sft_warmup_steps", "lr_warmup_iters", "lr_decay_iters")
+
+
+def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse flags that are wrong, or that would be dropped silently, on their own terms."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
 
     if not args.data_prefix and not args.dry_run:
         parser.error("--data-prefix is required")
-    if args.old_policy_interval != "never" and not args.old_policy_interval.isdigit():
-        parser.error(f"--old-policy-interval must be a number of steps or 'never', got {args.old_policy_interval!r}")
-    args.old_policy_interval = None if args.old_policy_interval == "never" else int(args.old_policy_interval)
-    platform = run_platform(args)
-    if args.params_dtype is None:
-        args.params_dtype = "bf16" if platform.cuda else "fp32"
+    for name in _POSITIVE:
+        if getattr(args, name) < 1:
+            parser.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    for name in _NON_NEGATIVE:
+        if getattr(args, name) < 0:
+            parser.error(f"{flag(name)} must not be negative, got {getattr(args, name)}")
+    for name in ("expert_tensor_parallel_size", "virtual_pipeline_model_parallel_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    if args.old_policy_interval != "never" and not (args.old_policy_interval.isdigit() and int(args.old_policy_interval) > 0):
+        parser.error(f"--old-policy-interval must be a number of steps >= 1 or 'never', got {args.old_policy_interval!r}")
+    if args.fp8_recipe and not args.fp8_format:
+        parser.error(f"--fp8-recipe {args.fp8_recipe} has no effect without --fp8-format")
+    if args.recompute_modules and args.recompute_granularity != "selective":
+        parser.error("--recompute-modules needs --recompute-granularity selective")
+    if (args.recompute_method or args.recompute_num_layers is not None) and args.recompute_granularity != "full":
+        parser.error("--recompute-method / --recompute-num-layers need --recompute-granularity full")
+    if (args.recompute_method is None) != (args.recompute_num_layers is None):
+        parser.error("--recompute-method and --recompute-num-layers go together")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        parser.error("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
+    if (args.finetune or args.no_load_optim) and not args.load:
+        parser.error("--finetune / --no-load-optim need --load")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        parser.error(f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")
     if args.sft_warmup_steps >= args.train_iters and args.objective != "sft":
         parser.error("--sft-warmup-steps must be smaller than --train-iters")
     if args.moe_router_replay and (args.recompute_granularity == "full" or "moe" in (args.recompute_modules or [])):
         parser.error("--moe-router-replay cannot recompute the router (full or 'moe' recompute): it would re-route")
     if (args.moe_router_replay or args.moe_routing_flip_stats) and args.virtual_pipeline_model_parallel_size:
         parser.error("--moe-router-replay / --moe-routing-flip-stats do not support a virtual pipeline yet")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_flags(parser, args)
+    args.old_policy_interval = None if args.old_policy_interval == "never" else int(args.old_policy_interval)
+    if args.fp8_format and args.fp8_recipe is None:
+        args.fp8_recipe = "tensorwise"
+    platform = run_platform(args)
+    if args.params_dtype is None:
+        args.params_dtype = "bf16" if platform.cuda else "fp32"
     if args.metrics_file is None and args.save:
         args.metrics_file = os.path.join(args.save, "metrics.jsonl")
     try:  # every check Megatron-Core would make at start-up, before any process group exists
@@ -163,7 +233,8 @@ class ResolvedRun:
     layout: parallel.ParallelLayout
     sizes: Sizes
     transformer_config: object
-    resume_from: Optional[str]
+    resume_from: Optional[str]  # a training checkpoint to continue
+    weights_from: Optional[str]  # a checkpoint to take the starting weights from
 
 
 # Words of Megatron-Core's TransformerConfig errors -> the flags that set what they speak of.
@@ -205,8 +276,10 @@ def resolve_run(args: argparse.Namespace, platform: Optional[platforms.Platform]
                          f"{sizes.data} x --micro-batch-size {args.micro_batch_size}")
     if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
         raise ValueError("--seq-length must be divisible by --tensor-model-parallel-size under --sequence-parallel")
-    resume_from = args.load if args.load and checkpoint.latest_iteration(args.load) is not None else None
-    config_source = resume_from or args.pretrained_checkpoint
+    loadable = args.load if args.load and checkpoint.latest_iteration(args.load) is not None else None
+    resume_from = loadable if loadable and not args.finetune and checkpoint.is_training_checkpoint(loadable) else None
+    weights_from = None if resume_from else (loadable or args.pretrained_checkpoint)
+    config_source = resume_from or weights_from
     hf_config = checkpoint.read_hf_config(config_source) if config_source else load_hf_config(args.hf_config)
     model_args = Qwen3MoeArgs.from_hf_config(hf_config)
     try:
@@ -223,7 +296,7 @@ def resolve_run(args: argparse.Namespace, platform: Optional[platforms.Platform]
         message = str(error) or type(error).__name__
         flags = "" if "--" in message else _flags_named_by(message, args)
         raise ValueError(message + (f" [flags: {flags}]" if flags else "")) from error
-    return ResolvedRun(hf_config, model_args, layout, sizes, config, resume_from)
+    return ResolvedRun(hf_config, model_args, layout, sizes, config, resume_from, weights_from)
 
 
 def check_data(meta: dict, model_args: Qwen3MoeArgs, args: argparse.Namespace) -> None:
@@ -245,12 +318,15 @@ class Trainer:
         self.transformer_config = run.transformer_config
         resume_from = run.resume_from
         parallel.initialize(self.layout, seed=args.seed)
+        if run.weights_from and run.weights_from == args.load:
+            why = "--finetune" if args.finetune else "it holds weights only (no trainer state)"
+            parallel.print_rank_last(f"starting from the weights of {args.load} at step 0: {why}")
         self.dataset = SFTDataset(args.data_prefix)
         check_data(self.dataset.meta, self.model_args, args)
         self.objective = ObjectiveConfig(args.objective, args.eps_low, args.eps_high, args.kl_coef, args.entropy_top_fraction)
         chunks = build_model_chunks(self.model_args, self.transformer_config)
-        if args.pretrained_checkpoint and not resume_from:
-            checkpoint.load_model(args.pretrained_checkpoint, chunks)
+        if run.weights_from:
+            checkpoint.load_model(run.weights_from, chunks)
 
         # A frozen copy of the starting weights: sft-kl's reference, or the never-refreshed old policy.
         needs_frozen = self.objective.needs_reference_logprobs or (
@@ -390,7 +466,9 @@ class Trainer:
         }
         path = checkpoint.save(
             self.args.save, self.step, self.model, self.hf_config, self.optimizer, self.scheduler,
-            trainer_state={"step": self.step, **{key: getattr(self.args, key) for key in RESUME_INVARIANTS}},
+            trainer_state={"step": self.step, "world_size": dist.get_world_size(),
+                           **{key: getattr(self.args, key) for key in RESUME_INVARIANTS + LAYOUT_INVARIANTS
+                              if key != "world_size"}},
             rank_state=rank_state, frozen_chunks=self.frozen)
         parallel.print_rank_last(f"saved checkpoint {path}")
         return path
@@ -398,14 +476,21 @@ class Trainer:
     def _resume(self, root: str) -> None:
         from megatron.core import tensor_parallel
 
+        saved = checkpoint.read_common_state(root)
+        check_resume(self.args, saved["trainer_state"], saved["scheduler"], self.scheduler.state_dict())
+        if self.args.no_load_optim:  # weights and step; the flags' schedule, a fresh optimizer and round
+            checkpoint.load_model(root, self.model, self.frozen)
+            self.step = saved["trainer_state"]["step"]
+            self.scheduler.step(self.step)
+            parallel.print_rank_last(f"loaded the weights of {checkpoint.resolve(root)} (--no-load-optim): "
+                                     f"fresh optimizer state from step {self.step}")
+            return
+        self.scheduler.override_opt_param_scheduler = self.args.override_opt_param_scheduler
+        self.scheduler.use_checkpoint_opt_param_scheduler = self.args.use_checkpoint_opt_param_scheduler
         trainer_state, rank_state = checkpoint.load_training_state(root, self.model, self.optimizer, self.scheduler,
                                                                    frozen_chunks=self.frozen)
-        changed = {key: (trainer_state[key], getattr(self.args, key)) for key in RESUME_INVARIANTS
-                   if trainer_state[key] != getattr(self.args, key)}
-        if changed:  # the data position and the saved old-policy round depend on them
-            raise ValueError(f"resuming needs the checkpoint's settings; changed (saved, now): {changed}")
         self.step = trainer_state["step"]
-        torch.set_rng_state(rank_state["torch_rng"])
+        torch.set_rng_state(rank_state["torch_rng"])  # RNG states stay on the host, as saved
         if rank_state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(rank_state["cuda_rng"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker_rng"])
@@ -415,6 +500,7 @@ class Trainer:
     def run(self) -> None:
         args = self.args
         saved_step = self.step if self.resumed else None  # a checkpoint of this step exists already
+        exit_conditions = ExitConditions(args.exit_signal_handler, args.exit_duration_in_mins)
         while self.step < args.train_iters:
             self.train_one_step()
             if args.exit_interval and self.step % args.exit_interval == 0:
@@ -422,11 +508,65 @@ class Trainer:
             if args.save and args.save_interval and self.step % args.save_interval == 0:
                 self.save()
                 saved_step = self.step
+            reason = exit_conditions.reason()
+            if reason:
+                parallel.print_rank_last(f"stopping after step {self.step}: {reason}")
+                break
         if args.save and saved_step != self.step:
             self.save()
         self.logger.close()
         if self.clipped_tokens_file:
             self.clipped_tokens_file.close()
+
+
+class ExitConditions:
+    """--exit-signal-handler and --exit-duration-in-mins. Every rank stops after the same step: a
+    SIGTERM may reach only some ranks, and clocks differ, so the ranks agree by an all-reduce."""
+
+    def __init__(self, on_sigterm: bool, duration_in_mins: Optional[float]):
+        self.signal_received = False
+        self.deadline = None if duration_in_mins is None else time.monotonic() + 60 * duration_in_mins
+        self.active = on_sigterm or self.deadline is not None
+        if on_sigterm:
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.signal_received = True  # acted on after the step in progress
+
+    def reason(self) -> Optional[str]:
+        if not self.active:
+            return None
+        flags = torch.tensor([float(self.signal_received),
+                              float(self.deadline is not None and time.monotonic() > self.deadline)],
+                             device=parallel.device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0]:
+            return "SIGTERM received (--exit-signal-handler)"
+        return "--exit-duration-in-mins reached" if flags[1] else None
+
+
+def check_resume(args: argparse.Namespace, trainer_state: dict, saved_schedule: dict, schedule: dict) -> None:
+    """Refuse a resume whose settings differ from its checkpoint's, saying what changed and how to go on."""
+    def changed(keys):
+        now = {**vars(args), "world_size": dist.get_world_size()}
+        return {key: (trainer_state[key], now[key]) for key in keys if key in trainer_state and trainer_state[key] != now[key]}
+
+    data_settings = changed(RESUME_INVARIANTS)
+    if data_settings:  # the data position and the saved old-policy round depend on them
+        raise ValueError(f"resuming needs the checkpoint's settings; changed (saved, now): {data_settings}")
+    if args.no_load_optim:
+        return
+    layout = changed(LAYOUT_INVARIANTS)
+    if layout:
+        raise ValueError(f"the checkpoint's optimizer and per-rank state were saved at another layout / precision; "
+                         f"changed (saved, now): {layout}. To continue from its weights, pass --no-load-optim "
+                         f"(keeps the step and the schedule) or --finetune (starts at step 0)")
+    schedule_changes = {key: (saved_schedule[key], schedule[key]) for key in SCHEDULE_KEYS
+                        if key in saved_schedule and saved_schedule[key] != schedule[key]}
+    if schedule_changes and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        raise ValueError(f"the learning-rate schedule of the flags differs from the checkpoint's; changed (saved, now): "
+                         f"{schedule_changes}. Pass --override-opt-param-scheduler to follow the flags (e.g. a longer "
+                         f"--train-iters) or --use-checkpoint-opt-param-scheduler to keep the checkpoint's")
 
 
 def _copy_weights(source_chunks, target_chunks) -> None:

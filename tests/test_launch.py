@@ -76,8 +76,7 @@ CLUSTER = ["--hf-config", "30b-a3b", "--train-iters", "100", "--data-prefix", "u
     (["--seq-length", "4095"], 16, ["--seq-length", "--sequence-parallel"]),
     (["--expert-model-parallel-size", "3", "--global-batch-size", "24"], 24, ["--expert-model-parallel-size 3"]),
     (["--sft-warmup-steps", "100"], 16, ["--sft-warmup-steps"]),
-    (["--moe-router-replay", "--recompute-granularity", "full", "--recompute-method", "uniform",
-      "--recompute-num-layers", "1"], 16, ["--moe-router-replay"]),
+    (["--moe-router-replay", "--recompute-modules", "moe", "layernorm"], 16, ["--moe-router-replay"]),
     (["--moe-router-replay", "--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
      16, ["--moe-router-replay"]),
     (["--old-policy-interval", "sometimes"], 16, ["--old-policy-interval"]),
@@ -193,6 +192,7 @@ def test_resume_keeps_rng_states_on_the_host_and_moves_the_old_policy_to_the_dev
                 "tracker_rng": {"model-parallel-rng": torch.get_rng_state()},
                 "old_policy": {"outputs": {3: [{"logprobs": old_logprobs}]}}},
                tmp_path / "rank_state" / "rank_00000.pt")
+    monkeypatch.setattr(checkpoint, "read_common_state", lambda root: {"trainer_state": {"step": 3}, "scheduler": {}})
     monkeypatch.setattr(checkpoint, "load_training_state",
                         lambda root, *a, **k: ({"step": 3}, checkpoint.load_rank_state(str(tmp_path), 0)))
     monkeypatch.setattr(parallel, "device", lambda: torch.device("meta"))
@@ -205,9 +205,10 @@ def test_resume_keeps_rng_states_on_the_host_and_moves_the_old_policy_to_the_dev
 
     trainer = Trainer.__new__(Trainer)
     trainer.args = parse_args(["--train-iters", "4", "--data-prefix", "x", "--dry-run"])
-    trainer.model = trainer.optimizer = trainer.scheduler = trainer.frozen = None
+    trainer.model = trainer.optimizer = trainer.frozen = None
+    trainer.scheduler = type("Scheduler", (), {"state_dict": lambda self: {}})()
     trainer.old_policy = _OldPolicy()
-    monkeypatch.setattr("megatron_psft.train.RESUME_INVARIANTS", ())
+    monkeypatch.setattr("megatron_psft.train.dist.get_world_size", lambda: 1)
     trainer._resume(str(tmp_path))
     assert trainer.step == 3
     assert restored["model-parallel-rng"].device.type == "cpu"
@@ -236,3 +237,22 @@ def test_data_that_does_not_fit_is_refused(meta, message):
     with pytest.raises(ValueError, match=message):
         check_data(meta, _args("debug"), args)
     check_data(dict(vocab_size=1000, seq_length=128), _args("debug"), args)  # the boundary fits
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--old-policy-interval", "0"], "--old-policy-interval must be a number of steps >= 1"),
+    (["--old-policy-interval", "-2"], "--old-policy-interval"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+    (["--global-batch-size", "0"], "--global-batch-size must be at least 1"),
+    (["--recompute-modules", "core_attn"], "--recompute-modules needs --recompute-granularity selective"),
+    (["--fp8-recipe", "delayed"], "--fp8-recipe delayed has no effect without --fp8-format"),
+    (["--recompute-granularity", "full", "--recompute-num-layers", "1"], "--recompute-method and --recompute-num-layers"),
+    (["--recompute-method", "uniform"], "need --recompute-granularity full"),
+    (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], "exclude each other"),
+    (["--finetune"], "need --load"),
+    (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins must be positive"),
+])
+def test_flags_that_would_be_dropped_or_are_out_of_range_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--train-iters", "4", "--data-prefix", "x", *flags])
+    assert message in capsys.readouterr().err
