@@ -98,7 +98,9 @@ ARGS=(
   --lr "$LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style "$LR_DECAY_STYLE"
   --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD"
   --save-interval "$SAVE_INTERVAL" --seed "$SEED" --log-clipped-tokens
+  --exit-signal-handler  # SIGTERM (preemption, time limit): finish the step, save, exit 0
 )
+[ -n "${EXIT_DURATION_IN_MINS:-}" ] && ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_IN_MINS")
 [ -n "${DATA_PREFIX:-}" ] && ARGS+=(--data-prefix "$DATA_PREFIX")
 [ -n "$SAVE_DIR" ] && ARGS+=(--save "$SAVE_DIR" --load "$SAVE_DIR")
 [ -n "$TENSORBOARD_DIR" ] && ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")

@@ -1,0 +1,234 @@
+"""Real faults and resume rules: a save killed at each of its points, SIGTERM preemption, a longer
+--train-iters on resume, a changed layout, weights-only loads, a truncated metrics line.
+
+The kills and the signal need real processes (torchrun, 2 ranks); the resume rules run in one
+2-rank launch of ordinary processes."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import psutil
+import pytest
+
+from bundled import ROOT, preprocess_bundled_data
+from distributed import run_distributed
+
+SEQ = 64
+COMMON = ["--seq-length", str(SEQ), "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
+          "--lr-warmup-iters", "0", "--moe-aux-loss-coeff", "0", "--old-policy-interval", "2"]
+# Where a save can die: each rank's collective part, rank 0's publication steps.
+KILL_POINTS = {"staging_created": 1, "model_saved": 1, "rank_state_saved": 0, "renamed": 0, "latest_written": 0}
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(flags, env=None, log=None):
+    """2-rank training through torchrun: waits for it, or with `log` (a file) returns it running."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), "-m", "megatron_psft.train", *COMMON, *flags]
+    process_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    if log is not None:
+        return subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.run(command, cwd=ROOT, env=process_env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    return preprocess_bundled_data(str(tmp_path_factory.mktemp("data") / "chat"), SEQ)
+
+
+def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_and_resumes_exactly(tmp_path, data_prefix):
+    base = ["--data-prefix", data_prefix]
+    straight = _torchrun(base + ["--train-iters", "4", "--metrics-file", str(tmp_path / "straight.jsonl")])
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-4000:]
+    first = tmp_path / "first"  # the previous checkpoint: step 2
+    result = _torchrun(base + ["--train-iters", "4", "--exit-interval", "2", "--save", str(first)])
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    for point, rank in KILL_POINTS.items():
+        root = tmp_path / point
+        shutil.copytree(first, root)
+        killed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)],
+                           env={"PSFT_TEST_KILL_AT": point, "PSFT_TEST_KILL_RANK": str(rank)})
+        assert killed.returncode != 0, (point, "the kill hook did not fire")
+        assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2", point
+        resumed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)])
+        assert resumed.returncode == 0, (point, resumed.stderr[-4000:])
+        assert "resumed from" in resumed.stdout and "iter_0000002" in resumed.stdout, point
+        assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+        assert not list(root.glob("*.incomplete")), point  # the killed save's leftovers are gone
+        got, want = _records(root / "metrics.jsonl"), _records(tmp_path / "straight.jsonl")
+        assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4], point
+        for g, w in zip(got, want):
+            for key in ("loss", "grad_norm", "entropy", "ratio_mean"):
+                assert g[key] == pytest.approx(w[key], rel=0, abs=1e-6), (point, g["step"], key)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_path, data_prefix):
+    root = tmp_path / "preempted"
+    log = open(tmp_path / "preempted.log", "w")
+    run = _torchrun(["--data-prefix", data_prefix, "--train-iters", "200", "--save", str(root),
+                     "--exit-signal-handler"], log=log)
+    metrics = root / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert run.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if "megatron_psft.train" in " ".join(p.cmdline())]
+    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+    rank1.send_signal(signal.SIGTERM)  # as a preemption notice that reached one node first
+    run.wait(timeout=300)
+    log.close()
+    output = (tmp_path / "preempted.log").read_text()
+    assert run.returncode == 0, output[-4000:]
+    steps = [r["step"] for r in _records(metrics)]
+    saved = int((root / "latest_checkpointed_iteration.txt").read_text())
+    assert 2 <= saved < 200 and steps == list(range(1, saved + 1)), (saved, steps)
+    assert "SIGTERM received" in output
+    assert sorted(os.listdir(root / f"iter_{saved:07d}" / "rank_state")) == ["rank_00000.pt", "rank_00001.pt"]
+
+
+def _resume_rules(tmp, data_prefix):
+    import torch.distributed as dist
+
+    from megatron_psft import checkpoint, parallel
+    from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
+    from megatron_psft.train import Trainer, parse_args
+
+    base = COMMON + ["--data-prefix", data_prefix, "--objective", "sft", "--lr-decay-style", "cosine"]
+    tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+
+    def train(argv):
+        try:
+            Trainer(parse_args(base + argv)).run()
+            return "ok"
+        except ValueError as error:
+            return str(error)
+        finally:
+            parallel.destroy()
+            dist.barrier()  # the last rank has closed its metrics file
+
+    def metrics(name):
+        return os.path.join(tmp, f"{name}.jsonl")
+
+    results = {}
+    saved = os.path.join(tmp, "saved")
+    results["base"] = train(["--train-iters", "4", "--save", saved, "--metrics-file", metrics("base")])
+    results["straight6"] = train(["--train-iters", "6", "--metrics-file", metrics("straight6")])
+    override = os.path.join(tmp, "override")
+    if dist.get_rank() == 0:
+        shutil.copytree(saved, override)
+        shutil.copy(metrics("base"), metrics("override"))
+        with open(metrics("override"), "a") as f:  # a kill in the middle of writing a record
+            f.write('{"step": 5, "loss": 1.2')
+    dist.barrier()
+    results["extended"] = train(["--train-iters", "6", "--load", saved, "--metrics-file", metrics("refused")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results["override"] = train(["--train-iters", "6", "--load", override, "--save", override,
+                                     "--override-opt-param-scheduler", "--metrics-file", metrics("override")])
+    results["truncated_warning"] = any("truncated" in str(w.message) for w in caught)
+    results["keep_schedule"] = train(["--train-iters", "6", "--load", saved, "--use-checkpoint-opt-param-scheduler",
+                                      "--metrics-file", metrics("keep")])
+    results["tp2"] = train(tp2 + ["--train-iters", "6", "--load", saved, "--override-opt-param-scheduler",
+                                  "--metrics-file", metrics("tp2_refused")])
+    results["no_load_optim"] = train(tp2 + ["--train-iters", "6", "--load", saved, "--no-load-optim",
+                                            "--metrics-file", metrics("no_load_optim")])
+    results["finetune"] = train(tp2 + ["--train-iters", "2", "--load", saved, "--finetune",
+                                       "--metrics-file", metrics("finetune")])
+    results["duration"] = train(["--train-iters", "6", "--exit-duration-in-mins", "1e-6", "--save",
+                                 os.path.join(tmp, "duration"), "--metrics-file", metrics("duration")])
+
+    weights_only = os.path.join(tmp, "weights_only")  # what checkpoint_convert.hf_to_megatron writes
+    hf_config = load_hf_config("debug")
+    args = Qwen3MoeArgs.from_hf_config(hf_config)
+    parallel.initialize(parallel.ParallelLayout(), seed=3)
+    checkpoint.save(weights_only, 0, build_model_chunks(args, transformer_config(args, parallel.ParallelLayout())),
+                    hf_config)
+    parallel.destroy()
+    results["load_weights_only"] = train(["--train-iters", "1", "--load", weights_only,
+                                          "--metrics-file", metrics("load_weights_only")])
+    results["pretrained"] = train(["--train-iters", "1", "--pretrained-checkpoint", weights_only,
+                                   "--metrics-file", metrics("pretrained")])
+    return results
+
+
+@pytest.fixture(scope="module")
+def resume_rules(tmp_path_factory, data_prefix):
+    tmp = str(tmp_path_factory.mktemp("resume_rules"))
+    return tmp, run_distributed(2, _resume_rules, tmp, data_prefix)[-1]
+
+
+def _lrs(tmp, name):
+    return [(r["step"], r["learning_rate"]) for r in _records(os.path.join(tmp, f"{name}.jsonl"))]
+
+
+def test_a_longer_train_iters_on_resume_is_refused_unless_the_schedule_is_chosen(resume_rules):
+    tmp, results = resume_rules
+    assert "lr_decay_steps" in results["extended"] and "--override-opt-param-scheduler" in results["extended"]
+    assert results["override"] == "ok" == results["keep_schedule"]
+    # Following the flags: steps 5-6 train at the learning rates of an uninterrupted 6-step run.
+    assert _lrs(tmp, "override")[4:] == _lrs(tmp, "straight6")[4:] and all(lr > 0 for _, lr in _lrs(tmp, "override"))
+    # Keeping the checkpoint's 4-step cosine: it has decayed to min_lr.
+    assert [lr for _, lr in _lrs(tmp, "keep")] == [0.0, 0.0]
+
+
+def test_a_truncated_metrics_line_is_dropped_with_a_warning(resume_rules):
+    tmp, results = resume_rules
+    assert results["truncated_warning"]
+    assert [r["step"] for r in _records(os.path.join(tmp, "override.jsonl"))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_changed_layout_is_refused_naming_it_and_the_ways_on(resume_rules):
+    tmp, results = resume_rules
+    message = results["tp2"]
+    assert "tensor_model_parallel_size': (1, 2)" in message and "--no-load-optim" in message and "--finetune" in message
+
+
+def test_no_load_optim_continues_the_weights_at_a_new_layout(resume_rules):
+    tmp, results = resume_rules
+    assert results["no_load_optim"] == "ok"
+    got, want = _records(os.path.join(tmp, "no_load_optim.jsonl")), _records(os.path.join(tmp, "override.jsonl"))
+    assert [r["step"] for r in got] == [5, 6]
+    # Same weights, same batch at step 5, the flags' learning rate: only the layout differs.
+    assert got[0]["loss"] == pytest.approx(want[4]["loss"], rel=1e-5)
+    assert got[0]["learning_rate"] == want[4]["learning_rate"]
+
+
+def test_finetune_takes_the_weights_only(resume_rules):
+    tmp, results = resume_rules
+    assert results["finetune"] == "ok"
+    got = _records(os.path.join(tmp, "finetune.jsonl"))
+    base = _records(os.path.join(tmp, "base.jsonl"))
+    assert [r["step"] for r in got] == [1, 2]
+    assert got[0]["loss"] < base[0]["loss"]  # step 1 starts from the trained weights, not the initial ones
+
+
+def test_exit_duration_stops_and_saves(resume_rules):
+    tmp, results = resume_rules
+    assert results["duration"] == "ok"
+    assert open(os.path.join(tmp, "duration", "latest_checkpointed_iteration.txt")).read().strip() == "1"
+    assert len(_records(os.path.join(tmp, "duration.jsonl"))) == 1
+
+
+def test_load_of_a_weights_only_checkpoint_starts_from_its_weights(resume_rules):
+    tmp, results = resume_rules
+    assert results["load_weights_only"] == "ok" == results["pretrained"]
+    got, want = _records(os.path.join(tmp, "load_weights_only.jsonl")), _records(os.path.join(tmp, "pretrained.jsonl"))
+    assert [r["step"] for r in got] == [1] and got[0]["loss"] == want[0]["loss"]
