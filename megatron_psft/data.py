@@ -4,16 +4,144 @@ global-batch schedule, and batching (padding or packing) into shifted tokens / l
 Labels are always valid vocabulary ids: positions that are not trained (prompt, padding, the end of
 a packed sample) carry ``pad_id`` with loss_mask 0, never -100, because the vocab-parallel log-prob
 kernel rejects labels outside the vocabulary.
+
+Loading checks the data once (``SFTDataset``): meta.json's keys and types, the files' sizes, every
+token id below the vocabulary size and every mask byte 0 or 1, naming the first bad sample. The
+tokenizer the data was made with is recorded in meta.json (``tokenizer_identity``) and compared with
+the model's by ``check_tokenizer``.
 """
 
 import functools
+import hashlib
 import json
 import os
+import warnings
 
 import numpy as np
 import torch
 
-FORMAT_VERSION = 1
+# 2: meta.json's "tokenizer" is the tokenizer's identity (name + vocabulary hash); multi-turn and
+#    reasoning conversations are masked from the full render (docs/data.md).
+FORMAT_VERSION = 2
+TOKEN_DTYPES = ("uint16", "uint32")
+_SCAN_CHUNK = 1 << 24  # elements per vectorised pass over the memory maps (64 MiB of uint32 ids)
+
+
+class DataError(ValueError):
+    """Preprocessed data that cannot be trained on; the message names the file and what is wrong."""
+
+
+def tokenizer_identity(tokenizer, name: str = None) -> dict:
+    """``{"name", "vocab_sha256", "vocab_size"}`` of a Hugging Face tokenizer: sha256 of its sorted
+    (token, id) items (added tokens included), so two tokenizers agree iff they map the same strings
+    to the same ids. ``name`` defaults to the tokenizer's ``name_or_path``."""
+    vocab = tokenizer.get_vocab()
+    items = sorted((str(token), int(index)) for token, index in vocab.items())
+    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).hexdigest()
+    if name is None:
+        name = getattr(tokenizer, "name_or_path", "") or "?"
+    return {"name": str(name), "vocab_sha256": digest, "vocab_size": len(vocab)}
+
+
+def load_tokenizer_identity(tokenizer: str) -> dict:
+    """The identity of the tokenizer at a HF directory (or hub name); a directory's name is its absolute path."""
+    from transformers import AutoTokenizer
+
+    try:
+        loaded = AutoTokenizer.from_pretrained(tokenizer)
+    except Exception as e:  # missing files, no network for a hub name, ...
+        raise DataError(f"cannot load the tokenizer {tokenizer!r} to compare it with the data's: {e}") from None
+    return tokenizer_identity(loaded, os.path.abspath(tokenizer) if os.path.isdir(tokenizer) else tokenizer)
+
+
+def check_tokenizer(meta: dict, tokenizer, allow_mismatch: bool = False) -> bool:
+    """Compare the tokenizer the data was preprocessed with (``meta["tokenizer"]``, from
+    ``SFTDataset.meta``) with the model's: ``tokenizer`` is a HF tokenizer directory or name, a loaded
+    tokenizer, or an identity dict from :func:`tokenizer_identity`.
+
+    Returns True when the vocabularies are the same. On a mismatch raises :class:`DataError` naming
+    both tokenizers, or with ``allow_mismatch`` warns (``UserWarning``) and returns False.
+    """
+    if isinstance(tokenizer, dict):
+        model = tokenizer
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        model = load_tokenizer_identity(os.fspath(tokenizer))
+    else:
+        model = tokenizer_identity(tokenizer)
+    data = meta.get("tokenizer")
+    if not isinstance(data, dict) or "vocab_sha256" not in data:
+        raise DataError(f"the data's meta.json records no tokenizer identity ({data!r}); re-run tools/preprocess_data.py")
+    if data["vocab_sha256"] == model.get("vocab_sha256"):
+        return True
+
+    def describe(identity):
+        return (f"{identity.get('name', '?')} ({identity.get('vocab_size', '?')} tokens, vocabulary sha256 "
+                f"{str(identity.get('vocab_sha256'))[:12]}...)")
+    message = (f"tokenizer mismatch: the data was tokenized with {describe(data)}, the model's tokenizer is "
+               f"{describe(model)}; the token ids would mean other strings to the model")
+    if not allow_mismatch:
+        raise DataError(message + " (re-run tools/preprocess_data.py with the model's tokenizer, or pass "
+                                  "--allow-tokenizer-mismatch to train anyway)")
+    warnings.warn(message + " (allowed by --allow-tokenizer-mismatch)", stacklevel=2)
+    return False
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_meta(meta_path: str) -> dict:
+    """meta.json, checked: a clear :class:`DataError` naming the file and the missing or bad key."""
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{meta_path}: not valid JSON ({e}); re-run tools/preprocess_data.py") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+
+    def bad(key, expected):
+        if key not in meta:
+            return DataError(f"{meta_path}: missing key {key!r} ({expected})")
+        return DataError(f"{meta_path}: key {key!r} must be {expected}, got {meta[key]!r}")
+
+    version = meta.get("format_version")
+    if "format_version" not in meta:
+        raise bad("format_version", f"the data format version, {FORMAT_VERSION}")
+    if version != FORMAT_VERSION:
+        why = (" (written by an older tools/preprocess_data.py, before the tokenizer identity and multi-turn "
+               "masks)" if _is_int(version) and version < FORMAT_VERSION else "")
+        raise DataError(f"{meta_path}: format_version {version!r}, this code reads version {FORMAT_VERSION}{why}; "
+                        "re-run tools/preprocess_data.py")
+    checks = [
+        ("vocab_size", "a positive integer", lambda v: _is_int(v) and v > 0),
+        ("token_dtype", f"one of {', '.join(TOKEN_DTYPES)}", lambda v: v in TOKEN_DTYPES),
+        ("mask_dtype", "'uint8'", lambda v: v == "uint8"),
+        ("seq_length", "a positive integer", lambda v: _is_int(v) and v > 0),
+        ("num_samples", "a positive integer", lambda v: _is_int(v) and v > 0),
+        ("num_tokens", "a non-negative integer", lambda v: _is_int(v) and v >= 0),
+        ("pad_id", "an integer id below vocab_size", lambda v: _is_int(v) and 0 <= v < meta["vocab_size"]),
+        ("eos_id", "an integer id below vocab_size, or null",
+         lambda v: v is None or (_is_int(v) and 0 <= v < meta["vocab_size"])),
+        ("tokenizer", 'an object with "name" and "vocab_sha256" strings',
+         lambda v: isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("vocab_sha256"), str)),
+    ]
+    for key, expected, valid in checks:
+        if key not in meta or not valid(meta[key]):
+            raise bad(key, expected)
+    if meta["vocab_size"] > np.iinfo(meta["token_dtype"]).max + 1:
+        raise DataError(f"{meta_path}: token_dtype {meta['token_dtype']} cannot hold ids of a vocabulary of "
+                        f"{meta['vocab_size']}")
+    return meta
+
+
+def _first_at_or_above(array: np.ndarray, bound: int):
+    """Index of the first element >= bound, or None; vectorised in chunks so memory stays bounded."""
+    for start in range(0, array.size, _SCAN_CHUNK):
+        chunk = array[start:start + _SCAN_CHUNK]
+        if chunk.size and chunk.max() >= bound:
+            return start + int(np.argmax(chunk >= bound))
+    return None
 
 
 class SFTDataset:
@@ -21,31 +149,35 @@ class SFTDataset:
 
     ``dataset[i]`` is ``(token ids int64, loss mask bool)`` of the whole sample; the mask is 1 on the
     tokens that are trained as labels. ``meta`` is the contents of meta.json (``pad_id``,
-    ``vocab_size``, ``seq_length``, ``tokenizer``, counts).
+    ``vocab_size``, ``seq_length``, ``tokenizer`` identity, counts).
+
+    Loading checks meta.json, the files' sizes and offsets, and, in one vectorised pass over the
+    memory maps, that every token id is below ``vocab_size`` (meta's, and the model's when given)
+    and every mask byte is 0 or 1; a violation is a :class:`DataError` naming the first bad sample.
     """
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, vocab_size: int = None):
         meta_path = f"{prefix}.meta.json"
         if not os.path.exists(meta_path):
             raise FileNotFoundError(
                 f"{meta_path} not found: {prefix!r} is not a finished preprocessed dataset "
                 "(run tools/preprocess_data.py --output-prefix PREFIX)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {self.meta.get('format_version')!r}, "
-                             f"this code reads version {FORMAT_VERSION}; re-run tools/preprocess_data.py")
+        self.meta = read_meta(meta_path)
         for path in (f"{prefix}.tokens.bin", f"{prefix}.mask.bin", f"{prefix}.offsets.npy"):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} not found (next to {meta_path})")
 
         num_samples, num_tokens = self.meta["num_samples"], self.meta["num_tokens"]
-        self.offsets = np.load(f"{prefix}.offsets.npy", mmap_mode="r")
+        try:
+            self.offsets = np.load(f"{prefix}.offsets.npy", mmap_mode="r")
+        except ValueError as e:
+            raise DataError(f"{prefix}.offsets.npy: not a numpy array file ({e})") from None
         self.tokens = np.memmap(f"{prefix}.tokens.bin", dtype=np.dtype(self.meta["token_dtype"]), mode="r")
         self.mask = np.memmap(f"{prefix}.mask.bin", dtype=np.uint8, mode="r")
         problems = []
-        if self.offsets.shape != (num_samples + 1,):
-            problems.append(f"offsets.npy has shape {self.offsets.shape}, expected ({num_samples + 1},)")
+        if self.offsets.shape != (num_samples + 1,) or not np.issubdtype(self.offsets.dtype, np.integer):
+            problems.append(f"offsets.npy has shape {self.offsets.shape} and dtype {self.offsets.dtype}, "
+                            f"expected ({num_samples + 1},) integers")
         elif self.offsets[0] != 0 or self.offsets[-1] != num_tokens or np.any(np.diff(self.offsets) <= 0):
             problems.append(f"offsets.npy is not increasing from 0 to num_tokens={num_tokens}")
         if self.tokens.size != num_tokens:
@@ -53,7 +185,30 @@ class SFTDataset:
         if self.mask.size != num_tokens:
             problems.append(f"mask.bin holds {self.mask.size} entries, meta says {num_tokens}")
         if problems:
-            raise ValueError(f"inconsistent preprocessed dataset {prefix!r}: " + "; ".join(problems))
+            raise DataError(f"inconsistent preprocessed dataset {prefix!r}: " + "; ".join(problems))
+        self._check_contents(prefix, vocab_size)
+
+    def _sample_of(self, position: int) -> str:
+        sample = int(np.searchsorted(self.offsets, position, side="right")) - 1
+        return f"sample {sample} (token {position - int(self.offsets[sample])} of {self.sample_length(sample)})"
+
+    def sample_length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def _check_contents(self, prefix, model_vocab_size):
+        """Every id < vocab size and every mask byte in {0, 1}: O(num_tokens), once, vectorised."""
+        vocab_size, whose = self.meta["vocab_size"], "meta.json's vocab_size"
+        if model_vocab_size is not None and model_vocab_size < vocab_size:
+            vocab_size, whose = int(model_vocab_size), "the model's vocab_size"
+        bad = _first_at_or_above(self.tokens, vocab_size)
+        if bad is not None:
+            raise DataError(f"{prefix}.tokens.bin: {self._sample_of(bad)} has token id {int(self.tokens[bad])} >= "
+                            f"{whose} {vocab_size} (corrupt data, or data from another tokenizer); "
+                            "re-run tools/preprocess_data.py")
+        bad = _first_at_or_above(self.mask, 2)
+        if bad is not None:
+            raise DataError(f"{prefix}.mask.bin: {self._sample_of(bad)} has mask byte {int(self.mask[bad])}, "
+                            "expected 0 or 1 (corrupt data); re-run tools/preprocess_data.py")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

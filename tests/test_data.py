@@ -1,9 +1,12 @@
-"""Data pipeline: bundled assets, tools/preprocess_data.py (CLI behaviour via subprocesses), SFTDataset,
-the global-batch schedule, collate and pack."""
+"""Data pipeline: bundled assets, tools/preprocess_data.py (CLI behaviour via subprocesses), assistant
+masks under position-dependent chat templates (a Qwen3-like one), SFTDataset and its load-time
+integrity checks, the tokenizer identity, the global-batch schedule, collate and pack."""
 
 import importlib.util
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 
@@ -11,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_psft.data import SFTDataset, collate, global_batch_indices, pack
+from megatron_psft import data as data_module
+from megatron_psft.data import (DataError, SFTDataset, check_tokenizer, collate, global_batch_indices, pack,
+                                tokenizer_identity)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "megatron_psft", "assets")
 TOKENIZER = os.path.join(ASSETS, "tokenizer")
 CHAT_DATA = os.path.join(ASSETS, "chat_data.jsonl")
+QWEN3_LIKE_TEMPLATE = os.path.join(REPO, "tests", "assets", "qwen3_like_template.jinja")
 OFFLINE_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
@@ -38,16 +44,21 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER)
 
 
-def run_preprocess(tmp_path, lines, *flags, seq_length=128):
-    """Run the CLI on `lines` (dicts are JSON-encoded, strings written verbatim); returns (result, prefix)."""
+def run_preprocess(tmp_path, lines, *flags, seq_length=128, tokenizer=TOKENIZER):
+    """Run the CLI on `lines` (dicts are JSON-encoded, strings written verbatim as UTF-8, bytes written
+    as they are); returns (result, prefix)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     input_path = tmp_path / "input.jsonl"
-    input_path.write_text("".join((json.dumps(line) if isinstance(line, dict) else line) + "\n" for line in lines))
+    def encode(line):
+        if isinstance(line, bytes):
+            return line + b"\n"
+        return ((json.dumps(line) if isinstance(line, dict) else line) + "\n").encode("utf-8")
+    input_path.write_bytes(b"".join(encode(line) for line in lines))
     prefix = str(tmp_path / "out" / "data")
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", str(input_path),
-         "--output-prefix", prefix, "--tokenizer", TOKENIZER, "--seq-length", str(seq_length), *flags],
-        capture_output=True, text=True, env=OFFLINE_ENV, timeout=120)
+         "--output-prefix", prefix, "--tokenizer", str(tokenizer), "--seq-length", str(seq_length), *flags],
+        capture_output=True, text=True, env=OFFLINE_ENV, timeout=180)
     return result, prefix
 
 
@@ -232,19 +243,242 @@ def test_all_samples_untrained_is_an_error_without_output(tmp_path):
     assert output_files(prefix) == []
 
 
-def test_template_that_rewrites_earlier_turns_is_rejected(tokenizer):
-    rewriting = tokenizer.__class__.from_pretrained(TOKENIZER)
-    # Drops earlier assistant turns' content, like reasoning templates that strip old <think> blocks.
-    rewriting.chat_template = (
+# ---------------------------------------------------------------- chat templates: Qwen3-like and others
+
+def with_template(template: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer():
+    """The bundled tokenizer with a chat template that behaves like Qwen3's."""
+    with open(QWEN3_LIKE_TEMPLATE) as f:
+        return with_template(f.read())
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer_dir(qwen3_tokenizer, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("qwen3_like_tokenizer")
+    qwen3_tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def qwen3_assistant_texts(messages):
+    """What Qwen3's template renders for each assistant message, end-of-turn token included: the oracle
+    the masks are checked against, written from the template's rules rather than from a render."""
+    last_query = len(messages) - 1
+    for index in range(len(messages) - 1, -1, -1):
+        content = messages[index]["content"]
+        if messages[index]["role"] == "user" and not (content.startswith("<tool_response>")
+                                                      and content.endswith("</tool_response>")):
+            last_query = index
+            break
+    texts = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        content, reasoning = message["content"], message.get("reasoning_content")
+        if reasoning is None:
+            reasoning = ""
+            if "</think>" in content:
+                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+        if index > last_query and (index == len(messages) - 1 or reasoning):
+            text = "<think>\n" + reasoning.strip("\n") + "\n</think>\n\n" + content.lstrip("\n")
+        else:
+            text = content
+        texts.append(text + "<|im_end|>")
+    return texts
+
+
+QWEN3_CONVERSATIONS = [
+    # system prompt; several turns; reasoning inside an earlier turn's content (dropped from the
+    # history); reasoning_content on the last turn (its think block is trained)
+    [{"role": "system", "content": "You are a careful calculator."},
+     {"role": "user", "content": "What is 2 + 3?"},
+     {"role": "assistant", "content": "<think>\nTwo plus three.\n</think>\n\n2 + 3 = 5"},
+     {"role": "user", "content": "And doubled?"},
+     {"role": "assistant", "content": "10", "reasoning_content": "Double 5."},
+     {"role": "user", "content": "Minus one?"},
+     {"role": "assistant", "content": "<think>\n10 - 1\n</think>\n\n9"}],
+    # last turn without reasoning: an empty think block, still trained; earlier reasoning_content dropped
+    [{"role": "user", "content": "Reverse \"dog\"."},
+     {"role": "assistant", "content": "god", "reasoning_content": "d-o-g backwards"},
+     {"role": "user", "content": "Uppercase it."},
+     {"role": "assistant", "content": "GOD"}],
+    # a single turn with reasoning in the content
+    [{"role": "user", "content": "Count the letters in \"abc\"."},
+     {"role": "assistant", "content": "<think>a, b, c</think>3"}],
+    # two assistant messages after the last query (an intermediate one with reasoning keeps it)
+    [{"role": "user", "content": "Say hi twice."},
+     {"role": "assistant", "content": "hi", "reasoning_content": "first"},
+     {"role": "assistant", "content": "hi again"}],
+]
+
+
+@pytest.mark.parametrize("conversation", range(len(QWEN3_CONVERSATIONS)))
+def test_qwen3_like_template_masks_each_assistant_turn_once_and_nothing_else(qwen3_tokenizer, conversation):
+    messages = preprocess_data.parse_messages(json.dumps({"messages": QWEN3_CONVERSATIONS[conversation]}))
+    rendered = qwen3_tokenizer.apply_chat_template(messages, tokenize=False)
+    ids, mask = preprocess_data.tokenize_with_assistant_mask(qwen3_tokenizer, messages)
+    assert qwen3_tokenizer.decode(ids) == rendered
+    assert masked_runs(qwen3_tokenizer, ids, mask) == qwen3_assistant_texts(messages)
+    untrained = "".join(masked_runs(qwen3_tokenizer, ids, 1 - mask))
+    assert "<|im_start|>assistant" in untrained and "<think>" not in untrained  # headers never, think blocks always
+
+
+def test_qwen3_like_template_renders_like_qwen3(qwen3_tokenizer):
+    rendered = qwen3_tokenizer.apply_chat_template(QWEN3_CONVERSATIONS[0], tokenize=False)
+    assert rendered == (
+        "<|im_start|>system\nYou are a careful calculator.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n2 + 3 = 5<|im_end|>\n"
+        "<|im_start|>user\nAnd doubled?<|im_end|>\n<|im_start|>assistant\n10<|im_end|>\n"
+        "<|im_start|>user\nMinus one?<|im_end|>\n<|im_start|>assistant\n<think>\n10 - 1\n</think>\n\n9<|im_end|>\n")
+    assert qwen3_tokenizer.apply_chat_template(QWEN3_CONVERSATIONS[1], tokenize=False).endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nGOD<|im_end|>\n")
+    # The render of a prefix is not a prefix of the render: the old prefix-diff derivation cannot work.
+    assert not rendered.startswith(qwen3_tokenizer.apply_chat_template(QWEN3_CONVERSATIONS[0][:3], tokenize=False))
+
+
+def random_conversation(rng):
+    pieces = ["What is 2 + 3?", "5", "hello", "  spaced  ", "\nleading newline", "trailing newline\n",
+              "héllo ✓", "a\n\nb", "<b>tag</b>", "12 + 345 = 357", "x"]
+    messages = [{"role": "system", "content": rng.choice(pieces)}] if rng.random() < 0.5 else []
+    for turn in range(rng.randint(1, 4)):
+        messages.append({"role": "user", "content": rng.choice(pieces)})
+        if rng.random() < 0.2:  # a tool result between the query and the answer
+            messages.append({"role": "tool", "content": rng.choice(pieces)})
+        for _ in range(2 if rng.random() < 0.15 else 1):
+            answer, reasoning = rng.choice(pieces), rng.choice(pieces + ["", "\n\nthink\n\n"])
+            kind = rng.choice(["plain", "field", "inline"])
+            message = {"role": "assistant", "content": answer}
+            if kind == "field":
+                message["reasoning_content"] = reasoning
+            elif kind == "inline":
+                message["content"] = f"<think>{reasoning}</think>{answer}"
+            messages.append(message)
+    if rng.random() < 0.15:
+        messages.append({"role": "user", "content": rng.choice(pieces)})  # ends on a question: no think block
+    return messages
+
+
+def test_qwen3_like_template_random_conversations(qwen3_tokenizer):
+    """Property: for any mix of system prompts, turns, tool results, reasoning as a field or inline,
+    consecutive answers and leading/trailing whitespace, the trained text is exactly each assistant
+    message's rendered text, once, in order, and everything else is untrained."""
+    rng = random.Random(11)
+    markers = preprocess_data.TurnMarkers(qwen3_tokenizer)
+    for case in range(150):
+        messages = preprocess_data.parse_messages(json.dumps({"messages": random_conversation(rng)}))
+        ids, mask = preprocess_data.tokenize_with_assistant_mask(qwen3_tokenizer, messages, markers)
+        rendered = qwen3_tokenizer.apply_chat_template(messages, tokenize=False)
+        assert qwen3_tokenizer.decode(ids) == rendered, case
+        assert masked_runs(qwen3_tokenizer, ids, mask) == qwen3_assistant_texts(messages), (case, messages)
+
+
+def test_generation_prompt_that_opens_the_think_block(qwen3_tokenizer):
+    """Qwen3-Thinking-2507's generation prompt also opens <think>: the model generates what follows it,
+    so the last turn trains from the reasoning on; earlier turns (no <think>) train their answer."""
+    template = qwen3_tokenizer.chat_template.replace(
+        "{{- '<|im_start|>assistant\\n' }}\n    {%- if enable_thinking", "{{- '<|im_start|>assistant\\n<think>\\n' }}\n    {%- if enable_thinking")
+    assert template != qwen3_tokenizer.chat_template
+    thinking = with_template(template)
+    messages = preprocess_data.parse_messages(json.dumps({"messages": QWEN3_CONVERSATIONS[0]}))
+    ids, mask = preprocess_data.tokenize_with_assistant_mask(thinking, messages)
+    expected = qwen3_assistant_texts(messages)
+    assert masked_runs(thinking, ids, mask) == expected[:-1] + [expected[-1].removeprefix("<think>\n")]
+
+
+def test_qwen3_like_multi_turn_data_preprocesses_with_on_error_stop(tmp_path, qwen3_tokenizer_dir, qwen3_tokenizer):
+    lines = [{"messages": m} for m in QWEN3_CONVERSATIONS] + [
+        {"prompt": "Say hi.", "response": "hi", "system": "Be brief."}]
+    result, prefix = run_preprocess(tmp_path, lines, "--workers", "2", tokenizer=qwen3_tokenizer_dir, seq_length=256)
+    assert result.returncode == 0, result.stderr
+    dataset = SFTDataset(prefix)
+    assert len(dataset) == len(lines) and dataset.meta["counts"]["skipped_malformed"] == 0
+    for i, line in enumerate(lines):
+        messages = preprocess_data.parse_messages(json.dumps(line))
+        assert masked_runs(qwen3_tokenizer, *dataset[i]) == qwen3_assistant_texts(messages), f"line {i + 1}"
+    assert dataset.meta["assistant_mask"]["end_of_turn"] == "<|im_end|>"
+    assert dataset.meta["tokenizer"]["name"] == os.path.abspath(qwen3_tokenizer_dir)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}SEP{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistantSEP{% endif %}")
+
+
+def test_token_straddling_a_turn_edge_is_split_there(tokenizer):
+    """A header ending in a space merges with the answer's first word (" the"): the turn is tokenized
+    on its own, as at inference, so the trained text is still exactly the answer."""
+    spaced = with_template(CHATML.replace("SEP", " "))
+    messages = chat("Question?", "the answer", "Again?", "the end")["messages"]
+    rendered = spaced.apply_chat_template(messages, tokenize=False)
+    whole = spaced.encode(rendered, add_special_tokens=False)
+    assert "Ġthe" in spaced.convert_ids_to_tokens(whole)  # the merge this test is about
+    ids, mask = preprocess_data.tokenize_with_assistant_mask(spaced, messages)
+    assert spaced.decode(ids) == rendered
+    assert masked_runs(spaced, ids, mask) == ["the answer<|im_end|>", "the end<|im_end|>"]
+
+
+def test_generation_blocks_mark_what_is_trained(tokenizer):
+    marked = with_template(
+        "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{%- if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+        "{%- else %}{{ m['content'] }}{%- endif %}<|im_end|>\n{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+    ids, mask = preprocess_data.tokenize_with_assistant_mask(marked, chat("a", "first", "b", "second")["messages"])
+    assert masked_runs(marked, ids, mask) == ["first", "second"]  # the template's marks, not <|im_end|>
+
+
+def test_templates_that_cannot_be_masked_are_named_per_line(tmp_path, tokenizer):
+    messages = chat("a", "first", "b", "second")["messages"]
+    # Drops earlier assistant turns' text: the answer is not in its rendered turn.
+    dropping = with_template(
         "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{{ m['content'] if (m['role'] != 'assistant' or loop.last) else '' }}<|im_end|>\n{%- endfor %}"
         "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
-    messages = chat("a", "first", "b", "second")["messages"]
-    with pytest.raises(preprocess_data.MalformedSample, match="does not tokenize to a prefix"):
-        preprocess_data.tokenize_with_assistant_mask(rewriting, messages)
-    ids, mask = preprocess_data.tokenize_with_assistant_mask(tokenizer, messages)
-    assert masked_runs(tokenizer, ids, mask) == ["first<|im_end|>", "second<|im_end|>"]
+    with pytest.raises(preprocess_data.MalformedSample, match="message 1 .*answer is not where"):
+        preprocess_data.tokenize_with_assistant_mask(dropping, messages)
+    # Renders assistant turns with another header than its generation prompt.
+    other_header = with_template(CHATML.replace("SEP", "\n").replace("{{ m['role'] }}",
+                                                                      "{{ 'model' if m['role'] == 'assistant' else m['role'] }}"))
+    with pytest.raises(preprocess_data.MalformedSample, match="message 1 .*unsupported template"):
+        preprocess_data.tokenize_with_assistant_mask(other_header, messages)
+    # The same through the CLI: FILE:LINE and the reason.
+    directory = tmp_path / "other_header"
+    other_header.save_pretrained(directory)
+    result, prefix = run_preprocess(tmp_path / "run", [chat("q", "a")] * 2, tokenizer=directory)
+    assert result.returncode != 0 and "input.jsonl:1: message 1 (assistant)" in result.stderr
+    assert "unsupported template" in result.stderr and output_files(prefix) == []
+    # No special token after an answer: refused at start, naming the tokenizer.
+    directory = tmp_path / "no_end"
+    with_template("{%- for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{%- endfor %}"
+                  "{%- if add_generation_prompt %}assistant: {%- endif %}").save_pretrained(directory)
+    result, prefix = run_preprocess(tmp_path / "run2", [chat("q", "a")], tokenizer=directory)
+    assert result.returncode != 0 and str(directory) in result.stderr and "no special token" in result.stderr
 
+
+# ---------------------------------------------------------------- input encoding
+
+def test_non_utf8_lines_are_reported_with_their_line_and_honour_on_error(tmp_path, tokenizer):
+    good = chat("What is 3 + 4?", "3 + 4 = 7")
+    lines = [good, b'{"prompt": "caf\xe9", "response": "ok"}', good, b"\xff\xfe", good]
+    result, prefix = run_preprocess(tmp_path / "skip", lines, "--on-error", "skip")
+    assert result.returncode == 0, result.stderr
+    assert "input.jsonl:2: not valid UTF-8" in result.stderr and "input.jsonl:4: not valid UTF-8" in result.stderr
+    dataset = SFTDataset(prefix)
+    assert len(dataset) == 3 and dataset.meta["counts"]["skipped_malformed"] == 2
+
+    result, prefix = run_preprocess(tmp_path / "stop", lines)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "input.jsonl:2: not valid UTF-8" in result.stderr and output_files(prefix) == []
+
+    result, prefix = run_preprocess(tmp_path / "bom", ["\ufeff" + json.dumps(good)])  # a BOM is not an error
+    assert result.returncode == 0, result.stderr
 
 # ---------------------------------------------------------------- SFTDataset
 
@@ -260,11 +494,14 @@ def test_dataset_reads_the_written_files(bundled_prefix):
         dataset[len(dataset)]
 
 
-def test_dataset_rejects_inconsistent_files(bundled_prefix, tmp_path):
-    prefix = str(tmp_path / "copy")
+def copy_dataset(source_prefix, prefix):
     for suffix in ("tokens.bin", "mask.bin", "offsets.npy", "meta.json"):
-        with open(f"{bundled_prefix}.{suffix}", "rb") as src, open(f"{prefix}.{suffix}", "wb") as dst:
-            dst.write(src.read())
+        shutil.copyfile(f"{source_prefix}.{suffix}", f"{prefix}.{suffix}")
+    return prefix
+
+
+def test_dataset_rejects_inconsistent_files(bundled_prefix, tmp_path):
+    prefix = copy_dataset(bundled_prefix, str(tmp_path / "copy"))
     SFTDataset(prefix)
     with open(f"{prefix}.tokens.bin", "r+b") as f:
         f.truncate(100)
@@ -273,6 +510,127 @@ def test_dataset_rejects_inconsistent_files(bundled_prefix, tmp_path):
     os.remove(f"{prefix}.mask.bin")
     with pytest.raises(FileNotFoundError, match="mask.bin"):
         SFTDataset(prefix)
+
+
+def test_dataset_rejects_out_of_vocabulary_ids_naming_the_first_bad_sample(bundled_prefix, tmp_path):
+    prefix = copy_dataset(bundled_prefix, str(tmp_path / "copy"))
+    offsets = np.load(f"{prefix}.offsets.npy")
+    tokens = np.memmap(f"{prefix}.tokens.bin", dtype=np.uint16, mode="r+")
+    tokens[offsets[9] + 3] = 1000  # the vocabulary has ids 0..999
+    tokens[offsets[20]] = 65535
+    tokens.flush()
+    del tokens
+    with pytest.raises(DataError, match=r"tokens.bin: sample 9 \(token 3 of \d+\) has token id 1000 >= "
+                                        r"meta.json's vocab_size 1000"):
+        SFTDataset(prefix)
+    # Against a smaller model vocabulary, the model's size is the bound.
+    clean = copy_dataset(bundled_prefix, str(tmp_path / "clean"))
+    largest = int(np.fromfile(f"{clean}.tokens.bin", dtype=np.uint16).max())
+    SFTDataset(clean, vocab_size=largest + 1)
+    with pytest.raises(DataError, match=f"has token id {largest} >= the model's vocab_size {largest}"):
+        SFTDataset(clean, vocab_size=largest)
+
+
+def test_dataset_rejects_mask_bytes_other_than_0_and_1(bundled_prefix, tmp_path):
+    prefix = copy_dataset(bundled_prefix, str(tmp_path / "copy"))
+    offsets = np.load(f"{prefix}.offsets.npy")
+    mask = np.memmap(f"{prefix}.mask.bin", dtype=np.uint8, mode="r+")
+    mask[offsets[7] + 1] = 2
+    mask.flush()
+    del mask
+    with pytest.raises(DataError, match=r"mask.bin: sample 7 \(token 1 of \d+\) has mask byte 2, expected 0 or 1"):
+        SFTDataset(prefix)
+
+
+def test_dataset_scan_is_chunked(bundled_prefix, tmp_path, monkeypatch):
+    """The integrity scan works in bounded chunks and finds a bad id past the first chunk."""
+    prefix = copy_dataset(bundled_prefix, str(tmp_path / "copy"))
+    monkeypatch.setattr(data_module, "_SCAN_CHUNK", 1000)
+    SFTDataset(prefix)
+    offsets = np.load(f"{prefix}.offsets.npy")
+    tokens = np.memmap(f"{prefix}.tokens.bin", dtype=np.uint16, mode="r+")
+    tokens[offsets[-2]] = 4000
+    tokens.flush()
+    del tokens
+    with pytest.raises(DataError, match=f"sample {len(offsets) - 2} \\(token 0 of"):
+        SFTDataset(prefix)
+
+
+def edit_meta(prefix, change):
+    with open(f"{prefix}.meta.json") as f:
+        meta = json.load(f)
+    change(meta)
+    with open(f"{prefix}.meta.json", "w") as f:
+        json.dump(meta, f)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda meta: meta.pop("vocab_size"), "missing key 'vocab_size'"),
+    (lambda meta: meta.pop("num_tokens"), "missing key 'num_tokens'"),
+    (lambda meta: meta.update(pad_id="0"), "key 'pad_id' must be an integer id below vocab_size, got '0'"),
+    (lambda meta: meta.update(pad_id=1000), "key 'pad_id' must be an integer id below vocab_size, got 1000"),
+    (lambda meta: meta.update(token_dtype="int8"), "key 'token_dtype' must be one of uint16, uint32"),
+    (lambda meta: meta.update(seq_length=True), "key 'seq_length' must be a positive integer"),
+    (lambda meta: meta.update(tokenizer="/path/to/tokenizer"), "key 'tokenizer' must be an object"),
+    (lambda meta: meta.pop("format_version"), "missing key 'format_version'"),
+    (lambda meta: meta.update(format_version=1), "format_version 1, this code reads version 2 .*older "
+                                                 "tools/preprocess_data.py.*re-run tools/preprocess_data.py"),
+    (lambda meta: meta.update(format_version=3), "format_version 3, this code reads version 2; re-run"),
+])
+def test_malformed_meta_is_a_clear_error_naming_file_and_key(bundled_prefix, tmp_path, change, message):
+    prefix = copy_dataset(bundled_prefix, str(tmp_path / "copy"))
+    edit_meta(prefix, change)
+    with pytest.raises(DataError, match=f"copy.meta.json: {message}"):
+        SFTDataset(prefix)
+
+
+def test_meta_that_is_not_json_is_a_clear_error(bundled_prefix, tmp_path):
+    prefix = copy_dataset(bundled_prefix, str(tmp_path / "copy"))
+    with open(f"{prefix}.meta.json", "w") as f:
+        f.write('{"format_version": 2, ')
+    with pytest.raises(DataError, match="copy.meta.json: not valid JSON"):
+        SFTDataset(prefix)
+    with open(f"{prefix}.meta.json", "w") as f:
+        f.write("[2]")
+    with pytest.raises(DataError, match="copy.meta.json: expected a JSON object, got list"):
+        SFTDataset(prefix)
+
+
+def test_format_version_is_shared_by_writer_and_reader(bundled_prefix):
+    assert preprocess_data.FORMAT_VERSION == data_module.FORMAT_VERSION == SFTDataset(bundled_prefix).meta["format_version"]
+
+
+# ---------------------------------------------------------------- tokenizer identity
+
+def test_meta_records_the_tokenizer_identity_and_check_tokenizer_compares_it(bundled_prefix, tokenizer, tmp_path):
+    meta = SFTDataset(bundled_prefix).meta
+    identity = tokenizer_identity(tokenizer, TOKENIZER)
+    assert meta["tokenizer"] == identity
+    assert identity["name"] == TOKENIZER and identity["vocab_size"] == 1000 and len(identity["vocab_sha256"]) == 64
+    # The same vocabulary under another name (or template) is the same tokenizer.
+    assert check_tokenizer(meta, TOKENIZER) is True
+    assert check_tokenizer(meta, tokenizer) is True
+    assert check_tokenizer(meta, dict(identity, name="elsewhere")) is True
+    copy = tmp_path / "same_vocab"
+    with_template("{{ messages }}").save_pretrained(copy)
+    assert check_tokenizer(meta, str(copy)) is True
+
+    # Another vocabulary: an error naming both, unless allowed.
+    other = with_template(tokenizer.chat_template)
+    other.add_tokens(["<extra>"])
+    other_dir = tmp_path / "other_vocab"
+    other.save_pretrained(other_dir)
+    with pytest.raises(DataError, match=f"tokenizer mismatch: the data was tokenized with {TOKENIZER} "
+                                        r"\(1000 tokens.*the model's tokenizer is .*other_vocab \(1001 tokens"
+                                        r".*--allow-tokenizer-mismatch"):
+        check_tokenizer(meta, str(other_dir))
+    with pytest.warns(UserWarning, match="tokenizer mismatch.*allowed by --allow-tokenizer-mismatch"):
+        assert check_tokenizer(meta, str(other_dir), allow_mismatch=True) is False
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="cannot load the tokenizer"):
+        check_tokenizer(meta, str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="records no tokenizer identity"):
+        check_tokenizer(dict(meta, tokenizer="/old/path"), TOKENIZER)
 
 
 # ---------------------------------------------------------------- global batch schedule
