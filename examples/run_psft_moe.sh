@@ -39,6 +39,7 @@ if [ -z "${PRETRAINED:-}${DATA_PREFIX:-}${HF_CONFIG:-}${NNODES:-}${SLURM_JOB_ID:
   PARAMS_DTYPE=${PARAMS_DTYPE:-fp32}; FP8_FORMAT=${FP8_FORMAT:-}; MOE_GROUPED_GEMM=${MOE_GROUPED_GEMM:-0}
   RECOMPUTE_GRANULARITY=${RECOMPUTE_GRANULARITY:-}
   DATA_PREFIX=$RUN_DIR/data/chat
+  TOKENIZER=${TOKENIZER:-$ROOT/megatron_psft/assets/tokenizer}
   SAVE_DIR=${SAVE_DIR:-$RUN_DIR/checkpoints}
   EXPORT_HF_DIR=${EXPORT_HF_DIR:-$RUN_DIR/hf_export}
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -66,6 +67,7 @@ else
   PARAMS_DTYPE=${PARAMS_DTYPE:-bf16}; FP8_FORMAT=${FP8_FORMAT-hybrid}; MOE_GROUPED_GEMM=${MOE_GROUPED_GEMM:-1}
   RECOMPUTE_GRANULARITY=${RECOMPUTE_GRANULARITY-selective}  # set empty for no recompute
   EXPORT_HF_DIR=${EXPORT_HF_DIR:-}
+  TOKENIZER=${TOKENIZER:-${HF_TEMPLATE:-}}  # the HF model directory: its tokenizer must match the data's
 fi
 OBJECTIVE=${OBJECTIVE:-psft}; EPS_LOW=${EPS_LOW:-0.2}; EPS_HIGH=${EPS_HIGH:-0.28}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.1}; CLIP_GRAD=${CLIP_GRAD:-1.0}; LR_DECAY_STYLE=${LR_DECAY_STYLE:-cosine}
@@ -83,7 +85,12 @@ if [ -n "${SLURM_JOB_ID:-}" ] && [ -z "${NNODES:-}" ]; then
 fi
 NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
 
-if [ "$EMBEDDED" = 1 ] && [ "$DRY_RUN" != 1 ] && [ ! -f "$DATA_PREFIX.meta.json" ]; then
+# (Re)preprocess the bundled data when it is missing or was written in an older format.
+data_is_current() {
+  [ -f "$DATA_PREFIX.meta.json" ] && "$PYTHON" -c 'import json, sys; from megatron_psft.data import FORMAT_VERSION
+sys.exit(json.load(open(sys.argv[1])).get("format_version") != FORMAT_VERSION)' "$DATA_PREFIX.meta.json"
+}
+if [ "$EMBEDDED" = 1 ] && [ "$DRY_RUN" != 1 ] && ! data_is_current; then
   "$PYTHON" "$ROOT/tools/preprocess_data.py" --input "$ROOT/megatron_psft/assets/chat_data.jsonl" \
     --output-prefix "$DATA_PREFIX" --tokenizer "$ROOT/megatron_psft/assets/tokenizer" --seq-length "$SEQ_LENGTH"
 fi
@@ -102,6 +109,7 @@ ARGS=(
 )
 [ -n "${EXIT_DURATION_IN_MINS:-}" ] && ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_IN_MINS")
 [ -n "${DATA_PREFIX:-}" ] && ARGS+=(--data-prefix "$DATA_PREFIX")
+[ -n "$TOKENIZER" ] && ARGS+=(--tokenizer "$TOKENIZER")
 [ -n "$SAVE_DIR" ] && ARGS+=(--save "$SAVE_DIR" --load "$SAVE_DIR")
 [ -n "$TENSORBOARD_DIR" ] && ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
 [ -n "$ETP" ] && ARGS+=(--expert-tensor-parallel-size "$ETP")

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_psft import checkpoint, parallel, routing
 from megatron_psft import platform as platforms
-from megatron_psft.data import SFTDataset, collate, global_batch_indices
+from megatron_psft.data import SFTDataset, check_tokenizer, collate, global_batch_indices
 from megatron_psft.metrics import MetricsLogger, drop_steps_after, model_flops_per_token, moe_load_balance
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 from megatron_psft.objectives import OBJECTIVES, ObjectiveConfig
@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seq-length", type=int, default=4096)
     data.add_argument("--micro-batch-size", type=int, default=1)
     data.add_argument("--global-batch-size", type=int, default=32, help="sequences per optimizer step (the paper's mini-batch)")
+    data.add_argument("--tokenizer", default=None,
+                      help="the model's HF tokenizer (directory or name): the data's tokenizer (its meta.json) must "
+                           "have the same vocabulary. Default: --hf-config when that directory holds a tokenizer")
+    data.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                      help="train on data tokenized with another vocabulary (a warning instead of an error)")
 
     train = parser.add_argument_group("objective and schedule (defaults: the paper's PSFT settings)")
     train.add_argument("--train-iters", type=int, required=True)
@@ -306,6 +311,14 @@ def check_data(meta: dict, model_args: Qwen3MoeArgs, args: argparse.Namespace) -
                          f"{model_args.vocab_size}")
     if meta["seq_length"] > args.seq_length:
         raise ValueError(f"{args.data_prefix} was preprocessed for --seq-length {meta['seq_length']} > {args.seq_length}")
+    tokenizer = args.tokenizer
+    if tokenizer is None and os.path.isdir(args.hf_config) and any(
+            os.path.exists(os.path.join(args.hf_config, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = args.hf_config
+    if tokenizer is None:
+        parallel.print_rank_last("the data's tokenizer was not compared with the model's: pass --tokenizer")
+    else:
+        check_tokenizer(meta, tokenizer, allow_mismatch=args.allow_tokenizer_mismatch)
 
 
 class Trainer:
@@ -321,7 +334,7 @@ class Trainer:
         if run.weights_from and run.weights_from == args.load:
             why = "--finetune" if args.finetune else "it holds weights only (no trainer state)"
             parallel.print_rank_last(f"starting from the weights of {args.load} at step 0: {why}")
-        self.dataset = SFTDataset(args.data_prefix)
+        self.dataset = SFTDataset(args.data_prefix, vocab_size=self.model_args.vocab_size)
         check_data(self.dataset.meta, self.model_args, args)
         self.objective = ObjectiveConfig(args.objective, args.eps_low, args.eps_high, args.kl_coef, args.entropy_top_fraction)
         chunks = build_model_chunks(self.model_args, self.transformer_config)
