@@ -217,7 +217,7 @@ def load_rank_state(directory: str, rank: int) -> dict:
     rank_file = os.path.join(directory, "rank_state", f"rank_{rank:05d}.pt")
     if not os.path.isfile(rank_file):
         raise FileNotFoundError(f"{rank_file} is missing: resume with the world size the checkpoint was saved with")
-    return torch.load(rank_file, map_location="cpu", weights_only=False)
+    return torch.load(rank_file, map_location="cpu", weights_only=True)  # tensors and plain containers only
 
 
 def to_device(tree: Any, device: torch.device) -> Any:

@@ -38,14 +38,32 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _torchrun(flags, env=None, log=None):
-    """2-rank training through torchrun: waits for it, or with `log` (a file) returns it running."""
+class _Run:
+    def __init__(self, returncode, output):
+        self.returncode, self.output = returncode, output
+
+
+def _torchrun(flags, log_path, env=None, wait=True):
+    """2-rank training through torchrun in its own session, its output in `log_path`. Waits for it
+    and then ends whatever it left behind (a killed rank's peers, their children), or returns it
+    running with `wait=False`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(_free_port()), "-m", "megatron_psft.train", *COMMON, *flags]
     process_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    if log is not None:
-        return subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT)
-    return subprocess.run(command, cwd=ROOT, env=process_env, capture_output=True, text=True, timeout=600)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    if not wait:
+        return process
+    try:
+        process.wait(timeout=600)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    with open(log_path) as f:
+        return _Run(process.returncode, f.read())
 
 
 @pytest.fixture(scope="module")
@@ -55,22 +73,25 @@ def data_prefix(tmp_path_factory):
 
 def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_and_resumes_exactly(tmp_path, data_prefix):
     base = ["--data-prefix", data_prefix]
-    straight = _torchrun(base + ["--train-iters", "4", "--metrics-file", str(tmp_path / "straight.jsonl")])
-    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-4000:]
+    straight = _torchrun(base + ["--train-iters", "4", "--metrics-file", str(tmp_path / "straight.jsonl")],
+                         tmp_path / "straight.log")
+    assert straight.returncode == 0, straight.output[-4000:]
     first = tmp_path / "first"  # the previous checkpoint: step 2
-    result = _torchrun(base + ["--train-iters", "4", "--exit-interval", "2", "--save", str(first)])
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = _torchrun(base + ["--train-iters", "4", "--exit-interval", "2", "--save", str(first)], tmp_path / "first.log")
+    assert result.returncode == 0, result.output[-4000:]
 
     for point, rank in KILL_POINTS.items():
         root = tmp_path / point
         shutil.copytree(first, root)
         killed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)],
-                           env={"PSFT_TEST_KILL_AT": point, "PSFT_TEST_KILL_RANK": str(rank)})
+                           tmp_path / f"{point}_killed.log", env={"PSFT_TEST_KILL_AT": point,
+                                                                   "PSFT_TEST_KILL_RANK": str(rank)})
         assert killed.returncode != 0, (point, "the kill hook did not fire")
         assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2", point
-        resumed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)])
-        assert resumed.returncode == 0, (point, resumed.stderr[-4000:])
-        assert "resumed from" in resumed.stdout and "iter_0000002" in resumed.stdout, point
+        resumed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)],
+                            tmp_path / f"{point}_resumed.log")
+        assert resumed.returncode == 0, (point, resumed.output[-4000:])
+        assert "resumed from" in resumed.output and "iter_0000002" in resumed.output, point
         assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
         assert not list(root.glob("*.incomplete")), point  # the killed save's leftovers are gone
         got, want = _records(root / "metrics.jsonl"), _records(tmp_path / "straight.jsonl")
@@ -82,9 +103,8 @@ def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_and_resumes_e
 
 def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_path, data_prefix):
     root = tmp_path / "preempted"
-    log = open(tmp_path / "preempted.log", "w")
     run = _torchrun(["--data-prefix", data_prefix, "--train-iters", "200", "--save", str(root),
-                     "--exit-signal-handler"], log=log)
+                     "--exit-signal-handler"], tmp_path / "preempted.log", wait=False)
     metrics = root / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -93,8 +113,11 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_
     workers = [p for p in psutil.Process(run.pid).children(recursive=True) if "megatron_psft.train" in " ".join(p.cmdline())]
     rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
     rank1.send_signal(signal.SIGTERM)  # as a preemption notice that reached one node first
-    run.wait(timeout=300)
-    log.close()
+    try:
+        run.wait(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
     output = (tmp_path / "preempted.log").read_text()
     assert run.returncode == 0, output[-4000:]
     steps = [r["step"] for r in _records(metrics)]
