@@ -36,6 +36,7 @@ if [ -z "${PRETRAINED:-}${DATA_PREFIX:-}${HF_CONFIG:-}${NNODES:-}${SLURM_JOB_ID:
   # A randomly initialised toy model needs a far larger step than the paper's 1e-6 to move visibly.
   LR=${LR:-1e-3}; LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-4}
   OLD_POLICY_INTERVAL=${OLD_POLICY_INTERVAL:-4}
+  LOG_INTERVAL=${LOG_INTERVAL:-2}
   PARAMS_DTYPE=${PARAMS_DTYPE:-fp32}; FP8_FORMAT=${FP8_FORMAT:-}; MOE_GROUPED_GEMM=${MOE_GROUPED_GEMM:-0}
   RECOMPUTE_GRANULARITY=${RECOMPUTE_GRANULARITY:-}
   DATA_PREFIX=$RUN_DIR/data/chat
@@ -64,6 +65,7 @@ else
   TRAIN_ITERS=${TRAIN_ITERS:-1000}; SFT_WARMUP_STEPS=${SFT_WARMUP_STEPS:-0}; SFT_WARMUP_LR=${SFT_WARMUP_LR:-}
   LR=${LR:-1e-6}; LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-10}
   OLD_POLICY_INTERVAL=${OLD_POLICY_INTERVAL:-8}  # round batch 256 / global batch 32, as in the paper
+  LOG_INTERVAL=${LOG_INTERVAL:-10}
   PARAMS_DTYPE=${PARAMS_DTYPE:-bf16}; FP8_FORMAT=${FP8_FORMAT-hybrid}; MOE_GROUPED_GEMM=${MOE_GROUPED_GEMM:-1}
   RECOMPUTE_GRANULARITY=${RECOMPUTE_GRANULARITY-selective}  # set empty for no recompute
   EXPORT_HF_DIR=${EXPORT_HF_DIR:-}
@@ -73,7 +75,7 @@ OBJECTIVE=${OBJECTIVE:-psft}; EPS_LOW=${EPS_LOW:-0.2}; EPS_HIGH=${EPS_HIGH:-0.28
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.1}; CLIP_GRAD=${CLIP_GRAD:-1.0}; LR_DECAY_STYLE=${LR_DECAY_STYLE:-cosine}
 MOE_DISPATCHER=${MOE_DISPATCHER:-alltoall}; MOE_ROUTER_REPLAY=${MOE_ROUTER_REPLAY:-0}
 FP8_RECIPE=${FP8_RECIPE:-tensorwise}; RECOMPUTE_MODULES=${RECOMPUTE_MODULES:-moe_act layernorm}
-SAVE_INTERVAL=${SAVE_INTERVAL:-0}; SEED=${SEED:-1234}
+SAVE_INTERVAL=${SAVE_INTERVAL:-0}; SEED=${SEED:-1234}; TIMING_LOG_LEVEL=${TIMING_LOG_LEVEL:-1}
 SAVE_DIR=${SAVE_DIR:-}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-${SAVE_DIR:+$SAVE_DIR/tensorboard}}
 
@@ -105,9 +107,11 @@ ARGS=(
   --lr "$LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style "$LR_DECAY_STYLE"
   --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD"
   --save-interval "$SAVE_INTERVAL" --seed "$SEED" --log-clipped-tokens
+  --log-interval "$LOG_INTERVAL" --timing-log-level "$TIMING_LOG_LEVEL"
   --exit-signal-handler  # SIGTERM (preemption, time limit): finish the step, save, exit 0
 )
 [ -n "${EXIT_DURATION_IN_MINS:-}" ] && ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_IN_MINS")
+[ -n "${WANDB_PROJECT:-}" ] && ARGS+=(--wandb-project "$WANDB_PROJECT" --wandb-exp-name "${WANDB_EXP_NAME:-$(basename "${SAVE_DIR:-psft}")}")
 [ -n "${DATA_PREFIX:-}" ] && ARGS+=(--data-prefix "$DATA_PREFIX")
 [ -n "$TOKENIZER" ] && ARGS+=(--tokenizer "$TOKENIZER")
 [ -n "$SAVE_DIR" ] && ARGS+=(--save "$SAVE_DIR" --load "$SAVE_DIR")

@@ -7,6 +7,7 @@ Layout of a checkpoint root (shared with ``checkpoint_convert``)::
         {"model": ..., "optimizer": ..., "scheduler": ..., "trainer_state": ...,
          "frozen_policy": ...}                 (sft-kl's reference / a never-refreshed old policy)
         hf_config.json                          the model's HF config, so the checkpoint stands alone
+        run_config.json                         what produced it: flags, TransformerConfig, versions, git
         rank_state/rank_00003.pt                per-rank state: RNG, and the old-policy round
 
 The model part is layout-free (global tensors), so a checkpoint loads at any TP / PP / EP / ETP;
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_psft.optimizer import unwrap
+from megatron_psft.run_config import write_run_config
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 HF_CONFIG_FILE = "hf_config.json"
@@ -105,8 +107,10 @@ def _sync_written_files(staging: str, rank_file: Optional[str]) -> None:
 
 
 def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=None, scheduler=None,
-         trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None, frozen_chunks=None) -> str:
-    """Save a complete checkpoint (collective: every rank calls it)."""
+         trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None, frozen_chunks=None,
+         run_config: Optional[dict] = None) -> str:
+    """Save a complete checkpoint (collective: every rank calls it). `run_config` goes beside it as
+    ``run_config.json``: what produced it."""
     from megatron.core import dist_checkpointing
 
     final = iteration_dir(root, iteration)
@@ -133,6 +137,8 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
     if dist.get_rank() == 0:
         with open(os.path.join(staging, HF_CONFIG_FILE), "w") as f:
             json.dump(hf_config, f, indent=2)
+        if run_config is not None:
+            write_run_config(staging, run_config)
     rank_file = None
     if rank_state is not None:
         rank_file = os.path.join(staging, "rank_state", f"rank_{dist.get_rank():05d}.pt")

@@ -6,8 +6,6 @@ ends in ``_min`` or ``_max`` (from :func:`extreme_metric`), holding the identity
 token contributed; a total is a scalar whose name ends in ``_total``, summed.
 """
 
-import json
-import os
 from typing import Dict, List, Optional
 
 import torch
@@ -106,70 +104,3 @@ def model_flops_per_token(args, seq_length: int) -> float:
     causal_attention = 2 * q_width * seq_length  # QK^T and AV, halved by the causal mask, x2 FLOPs/MAC
     per_layer = 2 * (attention_params + mlp_params) + causal_attention
     return args.num_layers * per_layer + 2 * args.hidden_size * args.vocab_size
-
-
-def drop_steps_after(jsonl_path: str, last_step: int) -> None:
-    """Forget the records of steps a resumed run will train again (they were logged after the
-    checkpoint it resumes from), so each step appears once."""
-    if not os.path.isfile(jsonl_path):
-        return
-    with open(jsonl_path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(jsonl_path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(jsonl_path + ".tmp", jsonl_path)
-
-
-class MetricsLogger:
-    """Per-step metrics to the console, a JSONL file and TensorBoard (on the last rank only)."""
-
-    CONSOLE = (("loss", "loss", ".5f"), ("entropy", "entropy", ".4f"), ("clip_fraction", "clip frac", ".4f"),
-               ("ratio_mean", "ratio", ".4f"), ("ratio_min", "ratio min", ".3f"), ("ratio_max", "ratio max", ".3f"),
-               ("approx_kl", "kl", ".2e"), ("grad_norm", "grad norm", ".4f"), ("learning_rate", "lr", ".3e"),
-               ("tokens_per_s", "tok/s", ".0f"), ("tflops_per_gpu", "TFLOP/s/GPU", ".3f"),
-               ("old_policy_s", "old-policy s", ".2f"), ("moe_load_balance_max", "moe lb max", ".3f"),
-               ("routing_flip_fraction", "routing flips", ".4f"))
-
-    def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], train_steps: int,
-                 resumed_step: Optional[int] = None):
-        self.active = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
-        self.train_steps = train_steps
-        self.jsonl = None
-        self.writer = None
-        if not self.active:
-            return
-        if jsonl_path:
-            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
-            if resumed_step is not None:
-                drop_steps_after(jsonl_path, resumed_step)
-            self.jsonl = open(jsonl_path, "a")
-        if tensorboard_dir:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ImportError("--tensorboard-dir needs the tensorboard package") from e
-            self.writer = SummaryWriter(tensorboard_dir)
-
-    def log(self, step: int, record: Dict[str, object]) -> None:
-        if not self.active:
-            return
-        parts = [f" iteration {step + 1:>6}/{self.train_steps:>6}", f"phase: {record.get('phase', '')}"]
-        for key, label, fmt in self.CONSOLE:
-            value = record.get(key)
-            if value is not None:
-                parts.append(f"{label}: {value:{fmt}}")
-        print(" | ".join(parts), flush=True)
-        if self.jsonl:
-            self.jsonl.write(json.dumps({"step": step + 1, **record}) + "\n")
-            self.jsonl.flush()
-        if self.writer:
-            for key, value in record.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, step + 1)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.jsonl:
-            self.jsonl.close()
-        if self.writer:
-            self.writer.close()

@@ -15,6 +15,7 @@ from megatron_psft import parallel, routing
 from megatron_psft.logprobs import vocab_parallel_logprobs
 from megatron_psft.metrics import reduce_metrics
 from megatron_psft.objectives import ObjectiveConfig, make_loss_func
+from megatron_psft.timers import Timers
 
 
 @dataclass
@@ -50,7 +51,8 @@ def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
 
 
 def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], objective: ObjectiveConfig,
-               vocab_size: int, token_histograms: bool = False, replays=None, replay_routing: bool = False) -> StepResult:
+               vocab_size: int, token_histograms: bool = False, replays=None, replay_routing: bool = False,
+               timers: Optional[Timers] = None) -> StepResult:
     """Forward and backward over this rank's micro-batches of one global batch, then one optimizer step.
 
     Each micro-batch dict holds ``tokens``, ``position_ids``, ``labels``, ``loss_mask`` and, as the
@@ -82,15 +84,18 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
             token_histograms=token_histograms,
         )
 
-    per_microbatch = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=False)
+    timers = timers or Timers(0)
+    with timers("forward-backward"):
+        per_microbatch = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=False)
     if replays:
         routing.stop(replays)
     metrics = _reduce_over_stages(per_microbatch)
     num_tokens = int(metrics["trained_tokens_total"])
     if num_tokens == 0:
         raise ValueError("the global batch has no response tokens (every loss_mask is 0): nothing to train on")
-    scheduler.step(1)  # the learning rate of step n is that of n + 1 scheduler steps: warm-up starts above 0
-    update_successful, grad_norm, _ = optimizer.step()
+    with timers("optimizer"):
+        scheduler.step(1)  # the learning rate of step n is that of n + 1 scheduler steps: warm-up starts above 0
+        update_successful, grad_norm, _ = optimizer.step()
     if not update_successful:
         raise FloatingPointError(f"optimizer step failed (grad norm {grad_norm})")
     grad_norm = None if grad_norm is None else float(grad_norm)  # None: --clip-grad 0 without a norm

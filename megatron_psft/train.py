@@ -20,12 +20,16 @@ import torch.distributed as dist
 from megatron_psft import checkpoint, parallel, routing
 from megatron_psft import platform as platforms
 from megatron_psft.data import SFTDataset, check_tokenizer, collate, global_batch_indices
-from megatron_psft.metrics import MetricsLogger, drop_steps_after, model_flops_per_token, moe_load_balance
+from megatron_psft.logger import MetricsLogger, drop_steps_after
+from megatron_psft.memory import memory_record
+from megatron_psft.metrics import model_flops_per_token, moe_load_balance
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 from megatron_psft.objectives import OBJECTIVES, ObjectiveConfig
 from megatron_psft.old_policy import OLD_IS_CURRENT, OldPolicy, RoundSchedule
 from megatron_psft.optimizer import OptimConfig, build_optimizer, unwrap, wrap_with_ddp
-from megatron_psft.plan import Sizes, format_plan
+from megatron_psft.plan import Sizes, format_plan, memory_per_gpu
+from megatron_psft.run_config import run_config, write_run_config
+from megatron_psft.timers import Timers
 from megatron_psft.step import forward_only_pass, policy_logprobs, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -145,6 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--tensorboard-dir", default=None)
     log.add_argument("--log-clipped-tokens", action="store_true",
                      help="write per-step counts of clipped tokens to clipped_tokens.jsonl next to the metrics file")
+    log.add_argument("--log-interval", type=int, default=1,
+                     help="print a console line every N steps, averaged over them (the metrics file keeps every step)")
+    log.add_argument("--metrics-file-every-interval", action="store_true",
+                     help="write the metrics file at the log interval too, averaged like the console")
+    log.add_argument("--timing-log-level", type=int, choices=(0, 1), default=0,
+                     help="1: time each phase of a step (data, old-policy, forward-backward, optimizer, save), the "
+                          "maximum over ranks; 0: no timers and no device synchronisation")
+    log.add_argument("--straggler-factor", type=float, default=1.5,
+                     help="with timing on: report a rank whose forward-backward takes this many times the median")
+    log.add_argument("--wandb-project", default=None, help="log to Weights & Biases (pip install wandb)")
+    log.add_argument("--wandb-exp-name", default=None, help="the W&B run's name")
+    log.add_argument("--wandb-save-dir", default=None,
+                     help="where W&B keeps its files (default SAVE/wandb); runs offline when the service is unreachable")
+    log.add_argument("--profile", action="store_true",
+                     help="trace steps --profile-step-start to --profile-step-end with the PyTorch profiler")
+    log.add_argument("--profile-step-start", type=int, default=2, help="first profiled step (1-based)")
+    log.add_argument("--profile-step-end", type=int, default=3, help="last profiled step (1-based)")
+    log.add_argument("--profile-dir", default=None, help="where each rank's trace goes (default SAVE/profile)")
     plan = parser.add_argument_group("dry run")
     plan.add_argument("--dry-run", action="store_true",
                       help="resolve every flag, build the TransformerConfig and the layout for WORLD_SIZE "
@@ -158,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Flags that must be at least 1, and at least 0.
 _POSITIVE = ("train_iters", "seq_length", "micro_batch_size", "global_batch_size", "tensor_model_parallel_size",
-             "pipeline_model_parallel_size", "expert_model_parallel_size")
+             "pipeline_model_parallel_size", "expert_model_parallel_size", "log_interval")
 _NON_NEGATIVE = ("save_interval", "exit_interval", "sft_warmup_steps", "lr_warmup_iters", "lr_decay_iters")
 
 
@@ -194,6 +216,10 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--finetune / --no-load-optim need --load")
     if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
         parser.error(f"--exit-duration-in-mins must be positive, got {args.exit_duration_in_mins}")
+    if args.profile and not 1 <= args.profile_step_start <= args.profile_step_end:
+        parser.error("--profile needs 1 <= --profile-step-start <= --profile-step-end")
+    if args.profile and not (args.profile_dir or args.save):
+        parser.error("--profile needs --profile-dir or --save")
     if args.sft_warmup_steps >= args.train_iters and args.objective != "sft":
         parser.error("--sft-warmup-steps must be smaller than --train-iters")
     if args.moe_router_replay and (args.recompute_granularity == "full" or "moe" in (args.recompute_modules or [])):
@@ -366,14 +392,28 @@ class Trainer:
         if resume_from:
             self._resume(resume_from)
         self.flops_per_token = model_flops_per_token(self.model_args, args.seq_length)
-        resumed_step = self.step if resume_from else None
-        self.logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, args.train_iters, resumed_step)
+        self.timers = Timers(args.timing_log_level)
+        self.run_config = run_config(args, self.transformer_config, platforms.current(), dist.get_world_size())
+        self._start_logging(resumed_step=self.step if resume_from else None)
+
+    def _start_logging(self, resumed_step: Optional[int]) -> None:
+        args = self.args
+        if args.save and dist.get_rank() == 0:
+            write_run_config(args.save, self.run_config)
+        wandb = None
+        if args.wandb_project:
+            wandb = dict(project=args.wandb_project, name=args.wandb_exp_name, config=self.run_config,
+                         save_dir=args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else None))
+        self.logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, args.train_iters, resumed_step,
+                                    log_interval=args.log_interval,
+                                    jsonl_every_interval=args.metrics_file_every_interval, wandb=wandb)
         self.clipped_tokens_file = None
         if args.log_clipped_tokens and self.logger.active and args.metrics_file:
             path = os.path.join(os.path.dirname(os.path.abspath(args.metrics_file)), "clipped_tokens.jsonl")
             if resumed_step is not None:
                 drop_steps_after(path, resumed_step)
             self.clipped_tokens_file = open(path, "a")
+        self.memory_reported = False
 
     # --- data ---------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> List[dict]:
@@ -398,31 +438,16 @@ class Trainer:
         in_warmup = step < args.sft_warmup_steps
         objective = ObjectiveConfig("sft") if in_warmup else self.objective
         start = time.perf_counter()
-        micro_batches = self.micro_batches(step)
-        old_policy_seconds = 0.0
-        if objective.needs_old_logprobs:
-            if step == args.sft_warmup_steps and self.frozen and args.old_policy_interval is None:
-                _copy_weights(self.model, self.frozen)  # the fixed old policy is the model as PSFT begins
-            old = self.old_policy.for_step(step, lambda s: self._old_policy_pass(self.model, self.replays, s),
-                                           lambda s: self._old_policy_pass(self.frozen, self.frozen_replays, s))
-            old_policy_seconds = self.old_policy.last_pass_seconds
-            for index, micro_batch in enumerate(micro_batches):
-                if old == OLD_IS_CURRENT:
-                    micro_batch["old_is_current"] = True
-                else:
-                    micro_batch["old_logprobs"] = old[index].get("logprobs")  # None off the last stage
-                    micro_batch["routing"] = old[index].get("routing")
-        if objective.needs_reference_logprobs:
-            reference = policy_logprobs(self.frozen, micro_batches, self.model_args.vocab_size)
-            for micro_batch, logprobs in zip(micro_batches, reference or []):
-                micro_batch["reference_logprobs"] = logprobs
-
+        with self.timers("data"):
+            micro_batches = self.micro_batches(step)
+        with self.timers("old-policy"):
+            self._attach_old_policy(step, objective, micro_batches)
         if args.sft_warmup_lr is not None:  # one schedule over the run; its peak differs per phase
             for group in self.optimizer.param_groups:
                 group["max_lr"] = args.sft_warmup_lr if in_warmup else args.lr
         result = train_step(self.model, self.optimizer, self.scheduler, micro_batches, objective,
                             self.model_args.vocab_size, token_histograms=args.log_clipped_tokens,
-                            replays=self.replays, replay_routing=args.moe_router_replay)
+                            replays=self.replays, replay_routing=args.moe_router_replay, timers=self.timers)
         seconds = time.perf_counter() - start
         self.step += 1
 
@@ -440,16 +465,54 @@ class Trainer:
             grad_norm=result.grad_norm,
             learning_rate=result.learning_rate,
             step_time_s=seconds,
-            old_policy_s=old_policy_seconds,
+            old_policy_s=self.old_policy.last_pass_seconds if objective.needs_old_logprobs else 0.0,
             tokens_per_s=real_tokens / seconds,
             routing_flip_fraction=result.routing_flip_fraction,
             tflops_per_gpu=forward_sequences * args.seq_length * self.flops_per_token / seconds
             / dist.get_world_size() / 1e12,
             **(moe_load_balance(len(micro_batches))
                if self.model_args.is_moe and self.transformer_config.moe_aux_loss_coeff else {}),
+            **memory_record(),
+            **self.timers.collect(),
         )
+        self._report_memory_once(record)
+        straggler = self.timers.straggler(args.straggler_factor)
+        if straggler:
+            self.logger.note(straggler)
         self.logger.log(step, record)
         return record
+
+    def _attach_old_policy(self, step: int, objective: ObjectiveConfig, micro_batches: List[dict]) -> None:
+        """The old-policy (or reference) log-probs and routing each micro-batch's objective needs."""
+        args = self.args
+        if objective.needs_old_logprobs:
+            if step == args.sft_warmup_steps and self.frozen and args.old_policy_interval is None:
+                _copy_weights(self.model, self.frozen)  # the fixed old policy is the model as PSFT begins
+            old = self.old_policy.for_step(step, lambda s: self._old_policy_pass(self.model, self.replays, s),
+                                           lambda s: self._old_policy_pass(self.frozen, self.frozen_replays, s))
+            for index, micro_batch in enumerate(micro_batches):
+                if old == OLD_IS_CURRENT:
+                    micro_batch["old_is_current"] = True
+                else:
+                    micro_batch["old_logprobs"] = old[index].get("logprobs")  # None off the last stage
+                    micro_batch["routing"] = old[index].get("routing")
+        if objective.needs_reference_logprobs:
+            reference = policy_logprobs(self.frozen, micro_batches, self.model_args.vocab_size)
+            for micro_batch, logprobs in zip(micro_batches, reference or []):
+                micro_batch["reference_logprobs"] = logprobs
+
+    def _report_memory_once(self, record: dict) -> None:
+        """After the first step: the memory it took next to the dry run's estimate for this launch."""
+        if self.memory_reported:
+            return
+        self.memory_reported = True
+        args = self.args
+        estimate = memory_per_gpu(self.model_args, self.transformer_config,
+                                  Sizes.of(self.layout, dist.get_world_size()), platforms.current(), args.seq_length,
+                                  args.micro_batch_size, args.global_batch_size, args.use_distributed_optimizer)
+        self.logger.note(f"memory after the first step (worst rank): {record['memory/peak_gib']:.2f} GiB peak, "
+                         f"{record['memory/reserved_gib']:.2f} GiB reserved; the plan estimated "
+                         f"{estimate['total']:.2f} GiB (--dry-run)")
 
     def _global_real_tokens(self, micro_batches) -> int:
         """Input tokens of the global batch that are not padding (not ``pad_id``)."""
@@ -477,12 +540,15 @@ class Trainer:
             "tracker_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
             "old_policy": self.old_policy.state_dict(),
         }
-        path = checkpoint.save(
-            self.args.save, self.step, self.model, self.hf_config, self.optimizer, self.scheduler,
-            trainer_state={"step": self.step, "world_size": dist.get_world_size(),
-                           **{key: getattr(self.args, key) for key in RESUME_INVARIANTS + LAYOUT_INVARIANTS
-                              if key != "world_size"}},
-            rank_state=rank_state, frozen_chunks=self.frozen)
+        with self.timers("save"):
+            path = checkpoint.save(
+                self.args.save, self.step, self.model, self.hf_config, self.optimizer, self.scheduler,
+                trainer_state={"step": self.step, "world_size": dist.get_world_size(),
+                               **{key: getattr(self.args, key) for key in RESUME_INVARIANTS + LAYOUT_INVARIANTS
+                                  if key != "world_size"}},
+                rank_state=rank_state, frozen_chunks=self.frozen, run_config=self.run_config)
+        if dist.get_rank() == 0:
+            write_run_config(self.args.save, self.run_config)
         parallel.print_rank_last(f"saved checkpoint {path}")
         return path
 
@@ -514,8 +580,13 @@ class Trainer:
         args = self.args
         saved_step = self.step if self.resumed else None  # a checkpoint of this step exists already
         exit_conditions = ExitConditions(args.exit_signal_handler, args.exit_duration_in_mins)
+        profiler = Profiler(args) if args.profile else None
         while self.step < args.train_iters:
+            if profiler:
+                profiler.before_step(self.step + 1)
             self.train_one_step()
+            if profiler:
+                profiler.after_step(self.step)
             if args.exit_interval and self.step % args.exit_interval == 0:
                 break
             if args.save and args.save_interval and self.step % args.save_interval == 0:
@@ -530,6 +601,34 @@ class Trainer:
         self.logger.close()
         if self.clipped_tokens_file:
             self.clipped_tokens_file.close()
+
+
+class Profiler:
+    """--profile: the PyTorch profiler over steps --profile-step-start..--profile-step-end (1-based),
+    one Chrome trace per rank; CUDA kernels too on a GPU."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.start, self.end = args.profile_step_start, args.profile_step_end
+        self.directory = args.profile_dir or os.path.join(args.save, "profile")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profile = torch.profiler.profile(activities=activities, record_shapes=True)
+        self.running = False
+
+    def before_step(self, step: int) -> None:
+        if step == self.start:
+            self.profile.start()
+            self.running = True
+
+    def after_step(self, step: int) -> None:
+        if self.running and step == self.end:
+            self.profile.stop()
+            self.running = False
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, f"trace_rank{dist.get_rank():05d}.json")
+            self.profile.export_chrome_trace(path)
+            parallel.print_rank_last(f"profile of steps {self.start}-{self.end} written to {self.directory}")
 
 
 class ExitConditions:

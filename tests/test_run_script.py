@@ -33,7 +33,21 @@ def test_embedded_default_trains_saves_and_exports(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     checkpoints = tmp_path / "checkpoints"
+    # What a user watches: averaged console lines at the log interval (2) with elapsed time, ETA,
+    # memory and per-phase times; the first step's memory against the plan.
+    lines = [line for line in result.stdout.splitlines() if line.startswith(" iteration")]
+    assert [line.split()[1] for line in lines] == ["2/", "4/", "6/"], lines
+    assert all("ETA" in line and "mem GiB" in line and "forward-backward" in line for line in lines), lines[0]
+    assert "memory after the first step" in result.stdout and "the plan estimated" in result.stdout
+    run_config = json.loads((checkpoints / "run_config.json").read_text())
+    assert run_config["args"]["seq_length"] == 128 and run_config["transformer_config"]["num_layers"] == 4
+    assert run_config["world_size"] == 4 and run_config["versions"]["megatron_core"] and run_config["git_revision"]
+    assert json.loads((checkpoints / "iter_0000006" / "run_config.json").read_text()) == run_config
+    rank_state = torch.load(checkpoints / "iter_0000006" / "rank_state" / "rank_00003.pt", weights_only=True)
+    assert rank_state["torch_rng"].dtype == torch.uint8 and "old_policy" in rank_state
     records = [json.loads(line) for line in (checkpoints / "metrics.jsonl").read_text().splitlines()]
+    assert {"memory/allocated_gib", "memory/reserved_gib", "memory/peak_gib", "time/data_s", "time/old-policy_s",
+            "time/forward-backward_s", "time/optimizer_s", "time/save_s"} <= set(records[0])
     assert [r["phase"] for r in records] == ["sft-warmup"] * 2 + ["psft"] * 4
     assert records[2]["ratio_max"] == 1.0 and records[3]["ratio_max"] != 1.0  # rounds of 2 start at step 3
     assert (checkpoints / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
