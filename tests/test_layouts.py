@@ -1,9 +1,10 @@
-"""One PSFT step on a tiny Qwen3-shaped GPT-MoE gives the same loss and gradient norm at every layout,
-and equals a naive float64 full-vocabulary computation of the global token mean.
+"""Two PSFT steps on a tiny Qwen3-shaped GPT-MoE give the same loss and gradient norm at every layout.
 
-All layouts run in one 4-rank launch. The weights are saved once with dist_checkpointing and loaded
-at each layout. The MoE load-balancing loss is switched off here: Megatron defines it per
-micro-batch, so it legitimately changes with the micro-batch split.
+Layout against layout, over a real optimizer step too; the absolute float64 oracle for a step (the
+loss and every gradient, every objective) is tests/test_oracle.py. All layouts run in one 4-rank
+launch. The weights are saved once with dist_checkpointing and loaded at each layout. The MoE
+load-balancing loss is switched off here: Megatron defines it per micro-batch, so it legitimately
+changes with the micro-batch split.
 """
 
 import pytest
@@ -106,29 +107,6 @@ def _all_masked_global_batch(checkpoint_root, args):
     return dict(outcome=outcome, unchanged=unchanged)
 
 
-def _naive_reference(checkpoint_root, args, hf_config):
-    """float64 forward of the whole global batch, full-vocab log_softmax, global token mean."""
-    from megatron_psft import checkpoint, parallel
-    from megatron_psft.models.qwen3_moe import build_model_chunks, transformer_config
-
-    layout = parallel.ParallelLayout()
-    parallel.initialize(layout, seed=5)
-    config = transformer_config(args, layout, moe_aux_loss_coeff=0.0, params_dtype=torch.float32)
-    (model,) = build_model_chunks(args, config)
-    checkpoint.load_model(checkpoint_root, [model])
-    model.double()
-    batch, old_shift = global_batch(args.vocab_size)
-    logits = model(batch["tokens"], batch["position_ids"], attention_mask=None)[..., :args.vocab_size]
-    logprobs = torch.log_softmax(logits.double(), -1).gather(-1, batch["labels"][..., None]).squeeze(-1)
-    ratio = torch.exp(logprobs - (logprobs - old_shift.double()))
-    token_loss = -torch.minimum(ratio, ratio.clamp(0.8, 1.28))
-    mask = batch["loss_mask"].double()
-    loss = float((token_loss * mask).sum() / mask.sum())
-    per_sample = [(token_loss[i] * mask[i]).sum() / mask[i].sum() for i in range(GLOBAL_BATCH) if mask[i].sum() > 0]
-    parallel.destroy()
-    return dict(loss=loss, mean_of_sample_means=float(torch.stack(per_sample).mean()))
-
-
 def _all_layouts(checkpoint_root):
     from megatron_psft import checkpoint, parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
@@ -140,7 +118,7 @@ def _all_layouts(checkpoint_root):
     checkpoint.save(checkpoint_root, 0, chunks, hf_config)
     parallel.destroy()
 
-    results = {"reference": _naive_reference(checkpoint_root, args, hf_config)}
+    results = {}
     for name in LAYOUTS:
         results[name] = _run_layout(name, checkpoint_root, args, hf_config)
     results["all_masked"] = _all_masked_global_batch(checkpoint_root, args)
@@ -171,12 +149,8 @@ def test_every_rank_reports_the_same_step(per_rank):
         assert all(r[name]["steps"] == per_rank[0][name]["steps"] for r in per_rank), name
 
 
-def test_first_step_is_the_global_token_mean_of_a_naive_float64_computation(per_rank):
-    reference = per_rank[0]["reference"]
+def test_first_step_clips_some_tokens(per_rank):
     first = per_rank[-1]["tp1_dp4"]["steps"][0]
-    assert first["loss"] == pytest.approx(reference["loss"], rel=1e-5)
-    # The aggregation bug this guards against would be visible: a mean of means is far off.
-    assert abs(reference["mean_of_sample_means"] - reference["loss"]) > 1e-3
     assert 0 < first["clip_fraction"] < 1
 
 
