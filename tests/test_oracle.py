@@ -9,7 +9,7 @@ and tokens in between; sft-kl's reference is a third policy. Both are computed i
 to Megatron as fp32, the precision the trainer keeps them in.
 
 One 4-rank launch runs PSFT at TP1/DP4, TP2+SP, TP2xEP2+SP, PP2 (4 micro-batches), TP2xEP4/ETP1 and
-PP2xVPP2 (4 micro-batches; a known failure, see VPP_P2P_BUG), and the baselines (sft, sft-kl, dft,
+PP2xVPP2 (4 micro-batches: the interleaved steady state), and the baselines (sft, sft-kl, dft,
 psft-ent, whose per-micro-batch selection the oracle reproduces) at TP1/DP4 and TP2xEP4/ETP1. Each step goes through
 `train_step` (lr 0, so every objective sees the same weights); just before the optimizer step the
 DDP gradient buffers (already reduced, reduce-scattered by the distributed optimizer, and divided by
@@ -205,18 +205,10 @@ def work(tmp_path_factory):
     return dict(expected=expected, per_rank=per_rank, grads=got_grads, batch=batch, old=old)
 
 
-# PP2 x VPP2 is wrong in the package as it stands. Megatron-Core's default p2p exchange
-# (batch_p2p_comm=True, overlap_p2p_comm=False, which transformer_config keeps) sends, in the
-# interleaved schedule's steady state, an activation to the next stage and a gradient to the previous
-# one in one batch_isend_irecv; at PP = 2 both are the same rank, same-peer messages pair in the order
-# they were posted, and the two stages post them in opposite roles: activation and gradient arrive
-# swapped (Megatron-LM issues 750 and 1450). It takes more micro-batches than stages to reach the
-# steady state, hence 4 here (test_trainer's VPP run has 2). With batch_p2p_comm=False this layout's
-# loss and grad norm match the oracle to 1e-7. Strict: once the package is fixed these must pass.
-VPP_P2P_BUG = pytest.mark.xfail(strict=True, reason="PP2 x VPP2 with 4 micro-batches: activations and gradients "
-                                "swapped by Megatron's batched p2p exchange (batch_p2p_comm left at True in "
-                                "megatron_psft/models/qwen3_moe/model.py transformer_config)")
-CASES = [pytest.param(name, objective, id=f"{name}-{objective}", marks=[VPP_P2P_BUG] if "vpp" in name else [])
+# PP2 x VPP2 with 4 micro-batches reaches the interleaved schedule's steady state, where Megatron's
+# batched p2p exchange (batch_p2p_comm=True) swaps activations and gradients at PP = 2 (Megatron-LM
+# issues 750 and 1450); transformer_config turns it off under VPP. test_trainer's VPP run has 2.
+CASES = [pytest.param(name, objective, id=f"{name}-{objective}")
          for name, (_, _, objectives) in LAYOUTS.items() for objective in objectives]
 
 

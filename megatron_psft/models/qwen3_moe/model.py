@@ -99,6 +99,12 @@ def transformer_config(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        # The interleaved schedule's batched exchange sends an activation forward and a gradient back in
+        # one batch_isend_irecv; at PP=2 both go to the same peer and arrive swapped (same-peer messages
+        # pair in posting order, which the two stages post in opposite roles): wrong loss and gradients
+        # once a rank has more micro-batches than stages. Megatron-LM's own VPP default avoids it.
+        overlap_p2p_comm=bool(layout.virtual_pipeline),
+        batch_p2p_comm=not layout.virtual_pipeline,
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor or layout.tensor,
         context_parallel_size=layout.context,
