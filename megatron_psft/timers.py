@@ -19,22 +19,27 @@ PHASES = ("data", "old-policy", "forward-backward", "optimizer", "save")
 
 
 class _Timer:
-    def __init__(self, synchronize: bool):
-        self.synchronize = synchronize
+    def __init__(self, name: str, nvtx: bool):
+        self.name, self.nvtx = name, nvtx
         self.elapsed = 0.0
         self._started: Optional[float] = None
 
-    def _sync(self):
-        if self.synchronize and torch.cuda.is_available():
+    @staticmethod
+    def _sync():
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     def start(self) -> "_Timer":
         self._sync()
+        if self.nvtx:
+            torch.cuda.nvtx.range_push(self.name)
         self._started = time.perf_counter()
         return self
 
     def stop(self) -> None:
         self._sync()
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
         self.elapsed += time.perf_counter() - self._started
         self._started = None
 
@@ -64,17 +69,18 @@ _NULL = _NullTimer()
 
 class Timers:
     """``timers("forward-backward")`` is a context manager / start-stop timer; ``collect()`` returns
-    each phase's seconds since the last collect, the maximum over ranks, and resets."""
+    each phase's seconds since the last collect, the maximum over ranks, and resets. With `nvtx`
+    (profiling on a GPU) each phase is also an NVTX range."""
 
-    def __init__(self, log_level: int):
-        self.log_level = log_level
+    def __init__(self, log_level: int, nvtx: bool = False):
+        self.log_level, self.nvtx = log_level, nvtx  # nvtx: name each phase for Nsight / the profiler
         self.timers: Dict[str, _Timer] = {}
 
     def __call__(self, name: str):
-        if self.log_level < 1:
+        if self.log_level < 1 and not self.nvtx:
             return _NULL
         if name not in self.timers:
-            self.timers[name] = _Timer(synchronize=True)
+            self.timers[name] = _Timer(name, self.nvtx)
         return self.timers[name]
 
     def collect(self) -> Dict[str, float]:

@@ -392,7 +392,7 @@ class Trainer:
         if resume_from:
             self._resume(resume_from)
         self.flops_per_token = model_flops_per_token(self.model_args, args.seq_length)
-        self.timers = Timers(args.timing_log_level)
+        self.timers = Timers(args.timing_log_level, nvtx=args.profile and torch.cuda.is_available())
         self.run_config = run_config(args, self.transformer_config, platforms.current(), dist.get_world_size())
         self._start_logging(resumed_step=self.step if resume_from else None)
 

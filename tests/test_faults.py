@@ -153,7 +153,9 @@ def _resume_rules(tmp, data_prefix):
     results = {}
     saved = os.path.join(tmp, "saved")
     results["base"] = train(["--train-iters", "4", "--save", saved, "--metrics-file", metrics("base")])
-    results["straight6"] = train(["--train-iters", "6", "--metrics-file", metrics("straight6")])
+    results["straight6"] = train(["--train-iters", "6", "--metrics-file", metrics("straight6"), "--profile",
+                                  "--profile-step-start", "2", "--profile-step-end", "3",
+                                  "--profile-dir", os.path.join(tmp, "profile")])
     override = os.path.join(tmp, "override")
     if dist.get_rank() == 0:
         shutil.copytree(saved, override)
@@ -241,6 +243,14 @@ def test_finetune_takes_the_weights_only(resume_rules):
     base = _records(os.path.join(tmp, "base.jsonl"))
     assert [r["step"] for r in got] == [1, 2]
     assert got[0]["loss"] < base[0]["loss"]  # step 1 starts from the trained weights, not the initial ones
+
+
+def test_profile_writes_a_trace_per_rank(resume_rules):
+    tmp, _ = resume_rules
+    traces = sorted(os.listdir(os.path.join(tmp, "profile")))
+    assert traces == ["trace_rank00000.json", "trace_rank00001.json"]
+    with open(os.path.join(tmp, "profile", traces[0])) as f:
+        assert json.load(f)["traceEvents"]
 
 
 def test_exit_duration_stops_and_saves(resume_rules):
