@@ -24,7 +24,7 @@ class StepResult:
     grad_norm: Optional[float]
     learning_rate: float
     num_tokens: int
-    routing_flip_fraction: Optional[float] = None  # top-k choices differing from the old-policy pass
+    routing_flip_fraction: Optional[float] = None  # old-policy top-k choices the training pass did not route to
 
 
 def _model_forward(model, micro_batch):
@@ -57,8 +57,9 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
 
     Each micro-batch dict holds ``tokens``, ``position_ids``, ``labels``, ``loss_mask`` and, as the
     objective needs, ``old_logprobs`` (or ``old_is_current``) and ``reference_logprobs``. With
-    `replays` (the policy's routers) and a micro-batch ``routing`` from the old-policy pass, the
-    forward either replays that routing (`replay_routing`) or counts how much of it flipped.
+    `replays` (the policy's routers, :func:`routing.routers`) and a micro-batch ``routing`` from the
+    old-policy pass, the forward replays that routing if `replay_routing`, and either way counts the
+    choices of it that the forward did not route to (``routing_flip_fraction``: 0 under replay).
     """
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
@@ -71,11 +72,9 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
         old_routing = micro_batch.get("routing") if replays else None
         if old_routing is not None and replay_routing:
             routing.replay(replays, old_routing)
-        elif old_routing is not None:
-            routing.start_recording(replays)
         logits = _model_forward(model, micro_batch)
-        if old_routing is not None and not replay_routing:
-            flips += routing.differing_choices(routing.recorded(replays), old_routing)
+        if old_routing is not None:
+            flips += routing.flipped_choices(replays, old_routing)
         return logits, make_loss_func(
             objective, micro_batch["labels"], micro_batch["loss_mask"], vocab_size,
             old_logprobs=micro_batch.get("old_logprobs"),
@@ -100,9 +99,9 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
         raise FloatingPointError(f"optimizer step failed (grad norm {grad_norm})")
     grad_norm = None if grad_norm is None else float(grad_norm)  # None: --clip-grad 0 without a norm
     flip_fraction = None
-    if replays and not replay_routing and any("routing" in mb for mb in micro_batches):
+    if replays and any("routing" in mb for mb in micro_batches):
         dist.all_reduce(flips)  # every stage routes its own layers
-        flip_fraction = float(flips[0] / flips[1])
+        flip_fraction = float(flips[0] / flips[1]) if flips[1] else None
     return StepResult(metrics, grad_norm, optimizer.param_groups[0]["lr"], num_tokens, flip_fraction)
 
 

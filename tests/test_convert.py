@@ -1,9 +1,11 @@
 """HF <-> Megatron checkpoint conversion on tiny Qwen3 models made by transformers itself.
 
-One 4-rank launch loads the converted checkpoints at TP1 (DP4), TP2 x EP2 (SP) and PP2, compares
-logits with transformers, trains one step at TP2 x EP2 and saves like the trainer, then re-saves that
-checkpoint at TP1 and PP2; the exports of all three must agree bit for bit. Conversions themselves
-run in this process (a world of one).
+Kinds: MoE, MoE with tied embeddings, dense Qwen3, a bf16 MoE checkpoint, and a MoE that does not
+renormalise its top-k router probabilities (``norm_topk_prob=False``). One 4-rank launch loads the
+converted checkpoints at TP1 (DP4), TP2 x EP2 (SP) and PP2, compares logits with transformers,
+trains one step at TP2 x EP2 and saves like the trainer, then re-saves that checkpoint at TP1 and
+PP2; the exports of all three must agree bit for bit. Conversions themselves run in this process
+(a world of one).
 """
 
 import json
@@ -19,7 +21,7 @@ import torch
 from distributed import run_distributed
 
 SEQ, BATCH = 12, 2
-KINDS = ("moe", "tied", "dense")
+KINDS = ("moe", "tied", "dense", "moe_bf16", "moe_unnormalized")
 LAYOUTS = {  # in run order: the trained checkpoint is saved at the first, re-saved at the others
     "tp2_ep2_sp_dp2": dict(tensor=2, expert=2, sequence_parallel=True),
     "tp1_dp4": dict(),
@@ -34,7 +36,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _save_hf_model(path, kind):
-    """A random fp32 model saved by transformers in several shards. Vocab 300 is padded by Megatron."""
+    """A random model saved by transformers in several shards, fp32 (``moe_bf16``: bf16). Vocab 300
+    is padded by Megatron."""
     import transformers
 
     common = dict(vocab_size=300, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -44,7 +47,7 @@ def _save_hf_model(path, kind):
         config, model_class = transformers.Qwen3Config(**common), transformers.Qwen3ForCausalLM
     else:
         config = transformers.Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=8,
-                                             num_experts_per_tok=2, norm_topk_prob=True)
+                                             num_experts_per_tok=2, norm_topk_prob=kind != "moe_unnormalized")
         model_class = transformers.Qwen3MoeForCausalLM
     torch.manual_seed(KINDS.index(kind))
     model = model_class(config).float()
@@ -52,6 +55,8 @@ def _save_hf_model(path, kind):
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.uniform_(0.5, 1.5)
+    if kind == "moe_bf16":
+        model = model.to(torch.bfloat16)
     model.save_pretrained(path, max_shard_size="100KB")  # transformers 5 writes `num_local_experts`
 
 
@@ -179,6 +184,8 @@ def test_round_trip_is_bit_identical(work, kind):
     assert sorted(original) == sorted(back)
     for name, tensor in original.items():
         assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    dtypes = {tensor.dtype for tensor in original.values()}
+    assert dtypes == {torch.bfloat16 if kind == "moe_bf16" else torch.float32}, dtypes
     with open(os.path.join(paths.hf, "config.json")) as a, open(os.path.join(paths.back, "config.json")) as b:
         assert a.read() == b.read()
     files = sorted(os.listdir(paths.back))

@@ -77,3 +77,14 @@ def test_bad_interval_is_rejected():
 def test_the_last_round_computes_no_step_past_the_end_of_training():
     _, current, _, _ = _run(RoundSchedule(4, end_step=6), 6)
     assert current.steps == [1, 2, 3, 5]
+
+
+def test_a_round_start_reuses_the_current_weights_even_with_outputs_left_over():
+    """Outputs still held at a round start (e.g. computed for it by an earlier pass) are stale: the
+    round's first step takes the current weights and the new pass recomputes the rest."""
+    policy = OldPolicy(RoundSchedule(4))
+    policy.load_state_dict({"outputs": {4: [torch.tensor([-1.0])], 5: [torch.tensor([-1.0])]}})
+    current = Passes("current")
+    current.version = 4
+    assert policy.for_step(4, current) == OLD_IS_CURRENT
+    assert current.steps == [5, 6, 7] and float(policy.for_step(5, current)[0]) == 4
