@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from megatron_psft.progress import ProgressBar, is_terminal
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -66,7 +68,9 @@ def staged_output(out_dir: str, overwrite: bool):
 
 
 class Progress:
-    """One line per finished stage (a layer, or the embedding / output tensors) with its throughput."""
+    """Progress by stage (a layer, or the embedding / output tensors): a bar over the bytes on stderr
+    when that is a terminal, and one line per finished stage with its throughput on `stream`
+    (stdout) unless the bar is already on that terminal; a final line either way."""
 
     def __init__(self, label: str, total_bytes: int, stages: int, stream=None):
         self.label, self.total_bytes, self.stages = label, total_bytes, stages
@@ -74,15 +78,21 @@ class Progress:
         self.start = self.stage_start = time.perf_counter()
         self.done_bytes = self.stage_bytes = self.done_stages = 0
         self.stage: Optional[str] = None
+        self.bar = ProgressBar(label, total=total_bytes, unit="B", unit_scale=True)
+        self.stage_lines = not (self.bar.active and is_terminal(self.stream))
 
     def update(self, stage: str, nbytes: int) -> None:
+        status = None
         if stage != self.stage:
             self._end_stage()
             self.stage = stage
+            status = f"{stage} ({self.done_stages + 1}/{self.stages})"
         self.stage_bytes += nbytes
+        self.bar.update(nbytes, status)
 
     def close(self) -> None:
         self._end_stage()
+        self.bar.close()
         elapsed = time.perf_counter() - self.start
         print(f"[{self.label}] done: {self.done_bytes / 1e6:,.1f} MB in {elapsed:.1f} s "
               f"({self.done_bytes / 1e6 / max(elapsed, 1e-9):,.1f} MB/s)", file=self.stream, flush=True)
@@ -94,8 +104,9 @@ class Progress:
         seconds = now - self.stage_start
         self.done_bytes += self.stage_bytes
         self.done_stages += 1
-        print(f"[{self.label}] {self.stage:<32} {self.done_stages:>4}/{self.stages}  "
-              f"{self.stage_bytes / 1e6:10,.1f} MB  {self.stage_bytes / 1e6 / max(seconds, 1e-9):8,.1f} MB/s  "
-              f"{100 * self.done_bytes / max(self.total_bytes, 1):5.1f}% of {self.total_bytes / 1e9:,.2f} GB",
-              file=self.stream, flush=True)
+        if self.stage_lines:
+            self.bar.write(f"[{self.label}] {self.stage:<32} {self.done_stages:>4}/{self.stages}  "
+                           f"{self.stage_bytes / 1e6:10,.1f} MB  {self.stage_bytes / 1e6 / max(seconds, 1e-9):8,.1f} MB/s  "
+                           f"{100 * self.done_bytes / max(self.total_bytes, 1):5.1f}% of {self.total_bytes / 1e9:,.2f} GB",
+                           file=self.stream)
         self.stage, self.stage_bytes, self.stage_start = None, 0, now

@@ -16,10 +16,17 @@ import argparse
 import json
 import math
 import os
+import sys
 import unicodedata
 from collections import Counter
 from typing import Dict, List, NamedTuple, Optional, Tuple
 from xml.sax.saxutils import escape
+
+try:
+    from megatron_psft.progress import ProgressBar, count_lines
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from megatron_psft.progress import ProgressBar, count_lines
 
 MAX_FONT_PX = 64.0
 MIN_FONT_PX = 10.0  # below this a word is unreadable; the only departure from size ~ sqrt(count)
@@ -97,8 +104,10 @@ def read_clipped_tokens(path: str, first_step: Optional[int] = None, last_step: 
         raise SystemExit(f"error: {path}: no such file (the trainer writes it with --log-clipped-tokens, PSFT steps only)")
     by_step = {}
     repeats = Counter()
-    with open(path, encoding="utf-8") as lines:
+    bar = ProgressBar(f"reading {os.path.basename(path)}", total=lambda: count_lines(path), unit="line")
+    with bar, open(path, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
+            bar.update()
             if not line.strip():
                 continue
             try:

@@ -28,6 +28,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron_psft.data import FORMAT_VERSION, tokenizer_identity
+from megatron_psft.progress import ProgressBar, count_lines
 
 ROLES = ("system", "user", "assistant", "tool")
 LINES_PER_TASK = 256  # lines a worker tokenizes per task; large enough to amortise pickling
@@ -368,7 +369,8 @@ def parse_args(argv=None):
     parser.add_argument("--on-error", choices=["skip", "stop"], default="stop",
                         help="malformed lines: skip and count them, or stop with a non-zero exit (default: stop)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
-    parser.add_argument("--log-interval", type=int, default=10000, help="report progress every this many lines")
+    parser.add_argument("--log-interval", type=int, default=10000,
+                        help="report progress every this many lines (a live bar instead when stderr is a terminal)")
     args = parser.parse_args(argv)
     if args.seq_length < 1:
         parser.error("--seq-length must be positive")
@@ -398,6 +400,8 @@ def main(argv=None):
     pool = Pool(args.workers, _init_worker, (args.tokenizer, args.seq_length, args.overlong)) if args.workers > 1 else None
     started = time.monotonic()
     next_report = args.log_interval
+    bar = ProgressBar("preprocessing", total=lambda: count_lines(args.input), unit="line")
+    bar_line = 0  # the input line the bar has reached
     try:
         with open(temporary["tokens.bin"], "wb") as tokens_file, open(temporary["mask.bin"], "wb") as mask_file:
             for numbers, lines in numbered_line_blocks(args.input, LINES_PER_TASK * args.workers * 4):
@@ -410,7 +414,7 @@ def main(argv=None):
                     counts["lines"] += 1
                     status = result[0]
                     if status == "malformed":
-                        print(f"{args.input}:{number}: {result[1]}", file=sys.stderr)
+                        bar.write(f"{args.input}:{number}: {result[1]}", file=sys.stderr)
                         if args.on_error == "stop":
                             raise SystemExit("error: stopping at the first malformed line (use --on-error skip to skip them)")
                         counts["skipped_malformed"] += 1
@@ -430,10 +434,13 @@ def main(argv=None):
                         counts["written"] += 1
                         counts["truncated"] += truncated
                     if counts["lines"] == next_report:
-                        elapsed = time.monotonic() - started
-                        print(f"{counts['lines']} lines, {counts['written']} samples written, "
-                              f"{counts['lines'] / elapsed:.0f} lines/s", file=sys.stderr)
+                        if not bar.active:  # the bar shows as much, live
+                            elapsed = time.monotonic() - started
+                            print(f"{counts['lines']} lines, {counts['written']} samples written, "
+                                  f"{counts['lines'] / elapsed:.0f} lines/s", file=sys.stderr)
                         next_report += args.log_interval
+                bar.update(numbers[-1] - bar_line, f"{counts['written']} samples")  # numbers count blank lines too
+                bar_line = numbers[-1]
         if counts["written"] == 0:
             raise SystemExit(f"error: no samples written from {args.input} ({counts})")
         with open(temporary["offsets.npy"], "wb") as f:  # a file object, so np.save keeps the temporary name
@@ -467,6 +474,7 @@ def main(argv=None):
         for kind in ("tokens.bin", "mask.bin", "offsets.npy", "meta.json"):
             os.replace(temporary[kind], final[kind])
     finally:
+        bar.close()
         if pool is not None:
             pool.terminate()
         for path in temporary.values():
