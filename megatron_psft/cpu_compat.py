@@ -6,14 +6,16 @@ that the real model, parallel groups, MoE dispatchers, schedules, DDP, the distr
 embedded default run on machines without a GPU.
 
 ``megatron_psft.parallel.init_process_group`` applies it, and only when CUDA is absent; it refuses to
-run when CUDA is available, and refuses megatron-core versions it was not written against: the
-patched functions are private and change between releases. Nothing else in the package imports it.
+run when CUDA is available, and refuses megatron-core versions it was not tested against
+(``TESTED_MEGATRON_CORE``): the patched functions are private and change between releases. Where a
+patch point differs between the tested versions, the patch branches on the version and says why.
+Nothing else in the package imports it.
 """
 
 import torch
 import torch.distributed as dist
 
-TESTED_MEGATRON_CORE = ("0.16.1",)
+TESTED_MEGATRON_CORE = ("0.16.1", "0.19.2")
 
 _applied = False
 
@@ -27,27 +29,55 @@ def apply() -> None:
         raise RuntimeError("megatron_psft.cpu_compat must not be used when CUDA is available")
     import megatron.core
 
-    version = megatron.core.__version__
-    if version not in TESTED_MEGATRON_CORE:
-        raise RuntimeError(
-            f"megatron_psft.cpu_compat was written for megatron-core {TESTED_MEGATRON_CORE}, found "
-            f"{version}; its private patch points may have moved. Install a tested version for CPU runs."
-        )
-    _patch_cuda_runtime()
+    release = check_version(megatron.core.__version__)
+    _patch_cuda_runtime(release)
     _patch_rng_tracker()
     _patch_causal_mask()
-    _patch_moe()
+    _patch_moe(release)
     _patch_sequence_parallel_norm()
     _patch_uneven_all_gather()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _applied = True
 
 
-def _patch_cuda_runtime():
+def check_version(version: str) -> tuple:
+    """The (major, minor) release of a tested megatron-core version; RuntimeError for any other.
+
+    A local suffix is ignored: 0.19.2's ``__version__`` appends ``+<git HEAD>`` whenever the installed
+    package lies inside a git work tree (a venv in the repository), e.g. ``0.19.2+7bf3670``."""
+    public = version.split("+", 1)[0]
+    if public not in TESTED_MEGATRON_CORE:
+        raise RuntimeError(
+            f"megatron_psft.cpu_compat is tested with megatron-core {' and '.join(TESTED_MEGATRON_CORE)} "
+            f"only, found {version}: the private call sites it patches move between releases. Install a "
+            "tested version for CPU runs (requirements-cpu.txt, requirements-cpu-py312.txt)."
+        )
+    return tuple(int(part) for part in public.split(".")[:2])
+
+
+class _NullStream:
+    """The CPU has one implicit stream: waits and events on it are no-ops."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def _patch_cuda_runtime(release):
     # ~70 call sites place tensors on torch.cuda.current_device(); streams and syncs have no CPU meaning.
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.empty_cache = lambda: None
+    if release >= (0, 19):
+        # 0.19.2's DDP grad sync (param_and_grad_buffer's start_grad_sync) always fetches
+        # torch.cuda.current_stream() to wait on CUDA-graph events; 0.16.1 reaches no stream on the
+        # paths the CPU runs (one distributed-optimizer instance), so it keeps the real function.
+        torch.cuda.current_stream = lambda device=None: _NullStream()
 
 
 def _patch_rng_tracker():
@@ -69,12 +99,13 @@ def _patch_causal_mask():
     fused_softmax.get_default_causal_mask = lambda sq: torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
-def _patch_moe():
+def _patch_moe(release):
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe import token_dispatcher
 
-    # 0.16.1 defines te_general_gemm only when Transformer Engine imports.
-    if not hasattr(moe_utils, "te_general_gemm"):
+    if release < (0, 19):
+        # 0.16.1 defines te_general_gemm only when Transformer Engine imports, and the router reads it;
+        # 0.19.2 binds it to None without TE.
         moe_utils.te_general_gemm = None
 
     # The alltoall dispatcher copies its split sizes to host as numpy on a side CUDA stream; on CPU

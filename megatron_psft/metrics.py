@@ -71,25 +71,49 @@ def reduce_metrics(
 
 def moe_load_balance(num_microbatches: int) -> dict:
     """Megatron's load-balancing loss per MoE layer over the last step (1.0 is perfectly balanced):
-    its mean and worst layer, reduced as Megatron reduces its aux-loss tracker. Clears the tracker."""
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    its mean and worst layer, reduced as Megatron reduces its MoE metrics tracker. Clears the tracker.
 
-    tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
-    if tracker is None:
-        return {}
-    # Megatron's own reduction (reduce_aux_losses_tracker_across_ranks), with AVG spelled as
-    # SUM / size because gloo has no AVG.
-    values = tracker["values"].detach().float().clone() / num_microbatches
+    Megatron's own reductions average with ReduceOp.AVG, which gloo lacks: they are spelled here as
+    SUM / size, in the order and with the groups of the installed version."""
+    name = "load_balancing_loss"
+    try:  # newer megatron-core (0.19.2 here): the MoE metrics tracker object, moe_logging.MoEMetricsTracker
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:  # 0.16: the module-level dict of moe_utils
+        get_moe_metrics_tracker = None
+
+    if get_moe_metrics_tracker is not None:
+        tracker = get_moe_metrics_tracker()
+        entry = tracker.metrics.get(name)
+        if entry is None:
+            return {}
+        # MoEMetricsTracker._sync_metrics: PP sum, reduce_group sum, avg_group average, then the DP
+        # average whenever the entry asks for it.
+        reduce_group, avg_group = entry.reduce_group, entry.avg_group
+        dp_average = entry.needs_dp_avg
+        values, clear = entry.values, tracker.clear
+    else:
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+        entry = get_moe_layer_wise_logging_tracker().get(name)
+        if entry is None:
+            return {}
+        # reduce_aux_losses_tracker_across_ranks: PP sum, reduce_group sum, the DP average only after a
+        # reduce_group that lacks the DP ranks, then avg_group average.
+        reduce_group, avg_group = entry.get("reduce_group"), entry.get("avg_group")
+        dp_average = reduce_group is not None and not entry.get("reduce_group_has_dp", False)
+        values, clear = entry["values"], clear_aux_losses_tracker
+
+    values = values.detach().float().clone()  # reduce a copy: Megatron's own report may still run
     dist.all_reduce(values, group=parallel.pipeline_group())  # each stage fills its own layers
-    average_over = [tracker.get("avg_group")]
-    if tracker.get("reduce_group") is not None:
-        dist.all_reduce(values, group=tracker["reduce_group"])  # partial sums over TP x CP
-        if not tracker.get("reduce_group_has_dp"):
-            average_over.append(parallel.data_group(with_context_parallel=False))
-    for group in filter(None, average_over):
-        dist.all_reduce(values, group=group)
-        values /= dist.get_world_size(group)
-    clear_aux_losses_tracker()
+    if reduce_group is not None:
+        dist.all_reduce(values, group=reduce_group)  # partial sums over TP x CP (or TP x DP x CP)
+    # The averages are linear, so their order does not change the result.
+    for group in (avg_group, parallel.data_group(with_context_parallel=False) if dp_average else None):
+        if group is not None:
+            dist.all_reduce(values, group=group)
+            values /= dist.get_world_size(group)
+    values *= 1 / num_microbatches  # Megatron's report scales by loss_scale = 1 / num_microbatches
+    clear()
     return {"moe_load_balance_mean": float(values.mean()), "moe_load_balance_max": float(values.max())}
 
 
