@@ -23,7 +23,7 @@ def _script_env(**variables):
 
 def _dry_run(**variables):
     return subprocess.run(["bash", SCRIPT], env=_script_env(DRY_RUN="1", **variables), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
 
 
 def test_embedded_default_trains_saves_and_exports(tmp_path):
