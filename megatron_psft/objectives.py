@@ -17,20 +17,23 @@ from megatron_psft.logprobs import vocab_parallel_logprobs
 from megatron_psft.metrics import extreme_metric, mean_metric
 
 LOG_RATIO_LIMIT = 20.0
-OBJECTIVES = ("psft", "sft", "sft-kl", "dft", "psft-ent")
+OBJECTIVES = ("psft", "sft", "sft-kl", "dft", "psft-ent", "iw-sft")
 
 LossOutput = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Defaults are the paper's (arXiv 2508.17784, tables 6/11/13 and appendix C.2)."""
+    """Defaults are the paper's (arXiv 2508.17784, tables 6/11/13, appendix C.2, and C.4 for iw-SFT's
+    weight clipping)."""
 
     name: str = "psft"
     eps_low: float = 0.2
     eps_high: float = 0.28
     kl_coef: float = 0.5
     entropy_top_fraction: float = 0.2
+    iw_weight_min: float = 0.2
+    iw_weight_max: float = 1.8
 
     def __post_init__(self):
         if self.name not in OBJECTIVES:
@@ -39,6 +42,9 @@ class ObjectiveConfig:
             raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
         if not 0 < self.entropy_top_fraction <= 1:
             raise ValueError(f"entropy_top_fraction must lie in (0, 1], got {self.entropy_top_fraction}")
+        if not 0 <= self.iw_weight_min <= 1 <= self.iw_weight_max:
+            raise ValueError(f"need 0 <= iw_weight_min <= 1 <= iw_weight_max, got {self.iw_weight_min}, "
+                             f"{self.iw_weight_max}")
 
     @property
     def needs_old_logprobs(self) -> bool:
@@ -46,7 +52,7 @@ class ObjectiveConfig:
 
     @property
     def needs_reference_logprobs(self) -> bool:
-        return self.name == "sft-kl"
+        return self.name in ("sft-kl", "iw-sft")
 
 
 def _loss_output(token_loss, logprobs, loss_mask, entropy, **extra_metrics) -> LossOutput:
@@ -62,6 +68,12 @@ def _loss_output(token_loss, logprobs, loss_mask, entropy, **extra_metrics) -> L
         metrics["entropy"] = mean_metric(entropy.detach(), loss_mask)
     metrics.update(extra_metrics)
     return loss_sum, num_tokens, metrics
+
+
+def _check_shapes(logprobs: torch.Tensor, loss_mask: torch.Tensor, **others: torch.Tensor) -> None:
+    shapes = {"logprobs": logprobs.shape, "loss_mask": loss_mask.shape, **{k: v.shape for k, v in others.items()}}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("shapes differ: " + ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items()))
 
 
 def clipped(ratio: torch.Tensor, eps_high: float) -> torch.Tensor:
@@ -84,11 +96,7 @@ def psft_loss(
     """
     if old_logprobs is None:
         raise ValueError("PSFT needs old_logprobs (the old policy's log-probs of the same tokens)")
-    if old_logprobs.shape != logprobs.shape or loss_mask.shape != logprobs.shape:
-        raise ValueError(
-            f"shapes differ: logprobs {tuple(logprobs.shape)}, old_logprobs {tuple(old_logprobs.shape)}, "
-            f"loss_mask {tuple(loss_mask.shape)}"
-        )
+    _check_shapes(logprobs, loss_mask, old_logprobs=old_logprobs)
     log_ratio = (logprobs - old_logprobs.detach()).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = log_ratio.exp()
     token_loss = -torch.minimum(ratio, ratio.clamp(1 - eps_low, 1 + eps_high))
@@ -122,6 +130,38 @@ def sft_kl_loss(logprobs, reference_logprobs, loss_mask, kl_coef=0.5, entropy=No
 def dft_loss(logprobs, loss_mask, entropy=None) -> LossOutput:
     """Dynamic Fine-Tuning: ``-sg(p) * log p``, each token's NLL weighted by its own probability."""
     return _loss_output(-logprobs.detach().exp() * logprobs, logprobs, loss_mask, entropy)
+
+
+def iw_sft_loss(
+    logprobs: torch.Tensor,
+    reference_logprobs: Optional[torch.Tensor],
+    loss_mask: torch.Tensor,
+    weight_min: float = 0.2,
+    weight_max: float = 1.8,
+    entropy: Optional[torch.Tensor] = None,
+) -> LossOutput:
+    """Importance-weighted SFT (Qin & Springenberg 2025, arXiv 2507.12856) with per-token weights, as
+    the PSFT paper's baseline (appendix C.4): ``-sg(clip(p / p_ref, weight_min, weight_max)) * log p``.
+
+    ``p_ref`` is the frozen reference (the starting model); the weight is a constant of the gradient,
+    so a token's gradient is ``clip(r) * grad logp``: never zero, unlike PSFT's above the trust region.
+    At ``p == p_ref`` this is SFT. Tokens the policy has made likelier than the reference count up to
+    ``weight_max`` times, tokens it has made less likely down to ``weight_min`` times.
+    """
+    if reference_logprobs is None:
+        raise ValueError("iw-sft needs reference_logprobs (the frozen starting model's log-probs)")
+    _check_shapes(logprobs, loss_mask, reference_logprobs=reference_logprobs)
+    log_ratio = (logprobs.detach() - reference_logprobs.detach()).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = log_ratio.exp()
+    weight = ratio.clamp(weight_min, weight_max)
+    return _loss_output(
+        -weight * logprobs, logprobs, loss_mask, entropy,
+        clip_fraction=mean_metric(((ratio < weight_min) | (ratio > weight_max)).float(), loss_mask),
+        ratio_mean=mean_metric(ratio, loss_mask),
+        ratio_min=extreme_metric(ratio, loss_mask, "min"),
+        ratio_max=extreme_metric(ratio, loss_mask, "max"),
+        importance_weight=mean_metric(weight, loss_mask),
+    )
 
 
 def top_entropy_mask(entropy: torch.Tensor, loss_mask: torch.Tensor, top_fraction: float) -> torch.Tensor:
@@ -167,6 +207,8 @@ def objective_loss(
         return sft_loss(logprobs, loss_mask, entropy)
     if config.name == "sft-kl":
         return sft_kl_loss(logprobs, reference_logprobs, loss_mask, config.kl_coef, entropy)
+    if config.name == "iw-sft":
+        return iw_sft_loss(logprobs, reference_logprobs, loss_mask, config.iw_weight_min, config.iw_weight_max, entropy)
     return dft_loss(logprobs, loss_mask, entropy)
 
 

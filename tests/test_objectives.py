@@ -7,7 +7,7 @@ import torch
 
 from megatron_psft import (ObjectiveConfig, dft_loss, psft_loss, psft_top_entropy_loss, reduce_metrics,
                            sft_kl_loss, sft_loss)
-from megatron_psft.objectives import objective_loss
+from megatron_psft.objectives import iw_sft_loss, make_loss_func, objective_loss
 
 RATIOS = torch.tensor([[1.0, 1.5, 0.5, 1.2, 2.0, 1.28]], dtype=torch.float64)
 MASK = torch.tensor([[1, 1, 1, 1, 0, 1]], dtype=torch.float64)
@@ -121,3 +121,119 @@ def test_objective_config_rejects_bad_values():
         ObjectiveConfig(eps_low=1.0)
     with pytest.raises(ValueError):
         ObjectiveConfig(entropy_top_fraction=0)
+    with pytest.raises(ValueError, match="iw_weight_min"):
+        ObjectiveConfig("iw-sft", iw_weight_min=1.1)
+    with pytest.raises(ValueError, match="iw_weight_max"):
+        ObjectiveConfig("iw-sft", iw_weight_max=0.9)
+
+
+# --- iw-SFT: per-token weights p / p_ref against the frozen reference, clipped to [0.2, 1.8] ----------
+
+# Ratios p / p_ref below the lower bound, just inside both bounds and above the upper one; the masked
+# token (index 4) has an extreme ratio that must not count anywhere.
+IW_RATIOS = torch.tensor([[0.1, 0.21, 0.7, 1.0, 50.0, 1.79, 2.5, 1.3]], dtype=torch.float64)
+IW_MASK = torch.tensor([[1, 1, 1, 1, 0, 1, 1, 1]], dtype=torch.float64)
+
+
+def _iw_leaf_logprobs(ratios=IW_RATIOS):
+    reference = -torch.linspace(0.5, 4.0, ratios.numel(), dtype=torch.float64).reshape(ratios.shape)
+    return (reference + ratios.log()).requires_grad_(), reference
+
+
+def _iw_oracle(logprobs, reference, mask, low=0.2, high=1.8):
+    """float64, written out: loss sum and d(loss sum)/d(logp) of -sg(clip(p / p_ref)) * log p."""
+    weight = torch.exp(logprobs.detach() - reference).clamp(low, high)
+    return float((-weight * logprobs.detach() * mask).sum()), -weight * mask
+
+
+def test_iw_sft_gradient_is_the_clipped_weight_at_both_bounds():
+    logprobs, reference = _iw_leaf_logprobs()
+    loss_sum, num_tokens, metrics = iw_sft_loss(logprobs, reference, IW_MASK)
+    loss_sum.backward()
+    want_loss, want_grad = _iw_oracle(logprobs, reference, IW_MASK)
+    assert float(loss_sum) == pytest.approx(want_loss, rel=1e-12)
+    torch.testing.assert_close(logprobs.grad, want_grad, rtol=1e-12, atol=1e-12)
+    # Both clips act, and a clipped token keeps its gradient (unlike PSFT above its trust region).
+    assert logprobs.grad[0, 0] == pytest.approx(-0.2) and logprobs.grad[0, 6] == pytest.approx(-1.8)
+    assert logprobs.grad[0, 1] == pytest.approx(-0.21) and logprobs.grad[0, 5] == pytest.approx(-1.79)
+    assert logprobs.grad[0, 4] == 0
+    assert int(num_tokens) == 7
+    reduced = reduce_metrics([metrics])
+    kept = [0.1, 0.21, 0.7, 1.0, 1.79, 2.5, 1.3]
+    assert reduced["clip_fraction"] == pytest.approx(2 / 7)
+    assert reduced["ratio_min"] == pytest.approx(0.1) and reduced["ratio_max"] == pytest.approx(2.5)
+    assert reduced["ratio_mean"] == pytest.approx(sum(kept) / 7)
+    assert reduced["importance_weight"] == pytest.approx(sum(min(max(r, 0.2), 1.8) for r in kept) / 7)
+    assert reduced["loss"] == pytest.approx(want_loss / 7)
+
+
+def test_iw_sft_is_sft_at_the_reference_and_takes_the_configured_bounds():
+    logprobs, reference = _iw_leaf_logprobs(torch.ones_like(IW_RATIOS))
+    got = objective_loss(ObjectiveConfig("iw-sft"), logprobs, IW_MASK, reference_logprobs=reference)[0]
+    assert float(got) == pytest.approx(float(sft_loss(logprobs, IW_MASK)[0]), rel=1e-12)
+
+    logprobs, reference = _iw_leaf_logprobs()
+    config = ObjectiveConfig("iw-sft", iw_weight_min=0.5, iw_weight_max=1.2)
+    loss_sum = objective_loss(config, logprobs, IW_MASK, reference_logprobs=reference)[0]
+    loss_sum.backward()
+    want_loss, want_grad = _iw_oracle(logprobs, reference, IW_MASK, 0.5, 1.2)
+    assert float(loss_sum) == pytest.approx(want_loss, rel=1e-12)
+    torch.testing.assert_close(logprobs.grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_iw_sft_weights_each_token_not_the_sequence():
+    """Two samples whose token ratios (3, 1/3) and (1/3, 3) have a geometric mean of 1: a sequence-level
+    weight (the length-normalised ratio of the whole response) would be 1 on every token, plain SFT.
+    Per token, the likelier token counts 1.8 times and the other 1/3 times."""
+    ratios = torch.tensor([[3.0, 1 / 3], [1 / 3, 3.0]], dtype=torch.float64)
+    mask = torch.ones_like(ratios)
+    logprobs, reference = _iw_leaf_logprobs(ratios)
+    iw_sft_loss(logprobs, reference, mask)[0].backward()
+    torch.testing.assert_close(logprobs.grad, _iw_oracle(logprobs, reference, mask)[1], rtol=1e-12, atol=1e-12)
+    sequence_weight = torch.exp((logprobs.detach() - reference).mean(-1, keepdim=True)).clamp(0.2, 1.8)
+    assert torch.allclose(sequence_weight, torch.ones_like(sequence_weight))
+    assert (logprobs.grad - (-sequence_weight * mask)).abs().max() > 0.5
+
+
+def test_iw_sft_metrics_reduce_exactly_over_micro_batches():
+    logprobs, reference = _iw_leaf_logprobs()
+    whole = reduce_metrics([iw_sft_loss(logprobs, reference, IW_MASK)[2]])
+    first, second = IW_MASK.clone(), IW_MASK.clone()
+    first[0, 3:], second[0, :3] = 0, 0
+    parts = reduce_metrics([iw_sft_loss(logprobs, reference, m)[2] for m in (first, second)])
+    assert parts.keys() == whole.keys()
+    for key in whole:
+        assert parts[key] == pytest.approx(whole[key], rel=1e-6), key
+
+
+def test_iw_sft_needs_the_reference():
+    logprobs, reference = _iw_leaf_logprobs()
+    assert ObjectiveConfig("iw-sft").needs_reference_logprobs and not ObjectiveConfig("iw-sft").needs_old_logprobs
+    with pytest.raises(ValueError, match="reference_logprobs"):
+        iw_sft_loss(logprobs, None, IW_MASK)
+    with pytest.raises(ValueError, match="reference_logprobs"):
+        objective_loss(ObjectiveConfig("iw-sft"), logprobs, IW_MASK)
+    with pytest.raises(ValueError, match="shapes"):
+        iw_sft_loss(logprobs, reference[:, :3], IW_MASK)
+
+
+def test_iw_sft_loss_func_on_logits_matches_a_full_vocabulary_float64_oracle():
+    """make_loss_func's path (log-probs from the logits, then the objective) against log_softmax in float64:
+    the loss, the token count and the gradient with respect to the logits."""
+    g = torch.Generator().manual_seed(3)
+    logits = (2 * torch.randn(2, 5, 11, generator=g, dtype=torch.float64)).float().requires_grad_()
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.float32)
+    exact = logits.detach().double().requires_grad_()
+    logp = torch.log_softmax(exact, -1).gather(-1, labels[..., None]).squeeze(-1)
+    reference = (logp.detach() + 1.5 * torch.randn(2, 5, generator=g, dtype=torch.float64)).float()
+    weight = torch.exp(logp.detach() - reference.double()).clamp(0.2, 1.8)
+    assert ((weight == 0.2) | (weight == 1.8))[mask.bool()].any() and ((weight > 0.2) & (weight < 1.8)).any()
+    want = (-weight * logp * mask).sum()
+    want.backward()
+    loss_func = make_loss_func(ObjectiveConfig("iw-sft"), labels, mask, 11, reference_logprobs=reference)
+    loss_sum, num_tokens, _ = loss_func(logits)
+    loss_sum.backward()
+    assert int(num_tokens) == 6
+    assert float(loss_sum) == pytest.approx(float(want), rel=1e-5)
+    torch.testing.assert_close(logits.grad.double(), exact.grad, rtol=1e-5, atol=1e-6)
