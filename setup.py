@@ -24,6 +24,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.6,<3", "nvidia-modelopt"],
         "apex": ["apex"],
         "metrics": ["tensorboard", "matplotlib"],
+        "plot": ["matplotlib"],  # python -m megatron_psft.plot
         "test": ["pytest"],
     },
 )
