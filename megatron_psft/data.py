@@ -260,8 +260,8 @@ def _check_lengths(samples, seq_length):
 def collate(samples: list[tuple[np.ndarray, np.ndarray]], seq_length: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Pad (right) every sample to exactly seq_length+1 ids, then shift: returns
     tokens [b, s] int64, labels [b, s] int64 (valid ids everywhere, pad_id where padded), loss_mask [b, s] float32
-    (mask of the label position; 0 on padding), position_ids [b, s] int64. Raises ValueError on a sample longer
-    than seq_length + 1.
+    (mask of the label position; 0 on padding), position_ids [b, s] int64 and segment_ids [b, s] int64 (the
+    sample's index in `samples`, -1 on padding). Raises ValueError on a sample longer than seq_length + 1.
 
     Labels are never -100: the log-prob kernel rejects out-of-vocabulary labels, so untrained
     positions hold pad_id and are excluded by loss_mask alone.
@@ -269,31 +269,32 @@ def collate(samples: list[tuple[np.ndarray, np.ndarray]], seq_length: int, pad_i
     _check_lengths(samples, seq_length)
     ids = np.full((len(samples), seq_length + 1), pad_id, dtype=np.int64)
     mask = np.zeros((len(samples), seq_length + 1), dtype=np.float32)
+    segment_ids = np.full((len(samples), seq_length), -1, dtype=np.int64)
     for row, (sample_ids, sample_mask) in enumerate(samples):
         ids[row, :len(sample_ids)] = sample_ids
         mask[row, :len(sample_mask)] = sample_mask
+        segment_ids[row, :len(sample_ids) - 1] = row
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
     return {
         "tokens": ids[:, :-1].contiguous(),
         "labels": ids[:, 1:].contiguous(),
         "loss_mask": mask[:, 1:].contiguous(),
         "position_ids": torch.arange(seq_length, dtype=torch.int64).expand(len(samples), -1).contiguous(),
+        "segment_ids": torch.from_numpy(segment_ids),
     }
 
 
 def pack(samples, seq_length, pad_id) -> dict[str, torch.Tensor]:
-    """Sequence packing for attention backends that support it (TE / THD on GPU): concatenate samples into rows of
-    seq_length, position_ids restart per sample, plus `cu_seqlens` (int32) for megatron.core.packed_seq_params.PackedSeqParams.
-    Same keys as collate, plus cu_seqlens. Labels never cross a sample boundary.
+    """Sequence packing: concatenate samples into rows of seq_length. Same keys as collate; position_ids
+    restart per sample and segment_ids (the sample's index in `samples`, -1 on a row's padding tail) say
+    which positions may attend to which. Labels never cross a sample boundary.
 
     Each sample is shifted on its own before packing: a sample of n ids contributes n - 1 positions
     (inputs ids[:-1], labels ids[1:], loss_mask mask[1:]), so the per-position tokens, labels and
     loss mask are exactly those ``collate`` gives, a sample's last position predicts its own final
-    token, and the next sample's first token is never a label. Samples
-    are placed in order, a new row starting when the next one does not fit (samples are never
-    split); each row's tail is padding (pad_id, loss_mask 0) forming its own segment. The number of
-    rows therefore depends on the lengths. ``cu_seqlens`` are the segment boundaries in the
-    flattened ``[rows * seq_length]`` token stream, from 0 to rows * seq_length.
+    token, and the next sample's first token is never a label. Samples are placed in order, a new
+    row starting when the next one does not fit (samples are never split); each row's tail is
+    padding (pad_id, loss_mask 0). The number of rows therefore depends on the lengths and the order.
 
     Labels are never -100 (see collate): untrained positions hold pad_id.
     """
@@ -315,7 +316,8 @@ def pack(samples, seq_length, pad_id) -> dict[str, torch.Tensor]:
     labels = np.full((len(rows), seq_length), pad_id, dtype=np.int64)
     loss_mask = np.zeros((len(rows), seq_length), dtype=np.float32)
     position_ids = np.zeros((len(rows), seq_length), dtype=np.int64)
-    cu_seqlens = [0]
+    segment_ids = np.full((len(rows), seq_length), -1, dtype=np.int64)
+    index = 0
     for r, row_samples in enumerate(rows):
         start = 0
         for sample_ids, sample_mask in row_samples:
@@ -324,15 +326,14 @@ def pack(samples, seq_length, pad_id) -> dict[str, torch.Tensor]:
             labels[r, start:end] = sample_ids[1:]
             loss_mask[r, start:end] = sample_mask[1:]
             position_ids[r, start:end] = np.arange(end - start)
-            cu_seqlens.append(r * seq_length + end)
+            segment_ids[r, start:end] = index
+            index += 1
             start = end
-        if start < seq_length:  # the padding tail attends only to itself
-            position_ids[r, start:] = np.arange(seq_length - start)
-            cu_seqlens.append((r + 1) * seq_length)
+        position_ids[r, start:] = np.arange(seq_length - start)  # the padding tail attends only to itself
     return {
         "tokens": torch.from_numpy(tokens),
         "labels": torch.from_numpy(labels),
         "loss_mask": torch.from_numpy(loss_mask),
         "position_ids": torch.from_numpy(position_ids),
-        "cu_seqlens": torch.tensor(cu_seqlens, dtype=torch.int32),
+        "segment_ids": torch.from_numpy(segment_ids),
     }

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_psft import parallel, routing
+from megatron_psft import platform as platforms
 from megatron_psft.logprobs import vocab_parallel_logprobs
 from megatron_psft.metrics import reduce_metrics
 from megatron_psft.objectives import ObjectiveConfig, make_loss_func
@@ -27,10 +28,58 @@ class StepResult:
     routing_flip_fraction: Optional[float] = None  # old-policy top-k choices the training pass did not route to
 
 
+def _uses_thd(micro_batch) -> bool:
+    """Packed rows go to Transformer Engine's attention as one THD sequence of ``b * s`` tokens."""
+    return "cu_seqlens" in micro_batch and platforms.current().use_transformer_engine
+
+
+def _padding_mask(model, micro_batch) -> Optional[torch.Tensor]:
+    """Megatron's MoE padding mask (True on padding): padding stays out of the routers' load-balancing
+    statistics and the aux loss is normalised by real tokens. Padding still passes through the experts,
+    as every token does in Megatron's dispatch; packing is what removes it."""
+    from megatron.core import tensor_parallel
+    from megatron.core.utils import get_attr_wrapped_model
+
+    config = get_attr_wrapped_model(model, "config")
+    if not config.num_moe_experts:
+        return None
+    padding = micro_batch["segment_ids"] < 0
+    if _uses_thd(micro_batch):
+        padding = padding.view(1, -1)
+    if config.sequence_parallel and not get_attr_wrapped_model(model, "pre_process"):
+        # GPTModel splits the mask along the sequence only on the first stage; later stages get the whole
+        # mask next to their sequence-parallel shard of the hidden states.
+        padding = tensor_parallel.scatter_to_sequence_parallel_region(padding.t().contiguous()).t().contiguous()
+    return padding
+
+
 def _model_forward(model, micro_batch):
-    # Right padding and a causal mask: padded positions never reach earlier tokens, and the loss mask
-    # drops them, so no explicit attention mask is needed.
-    return model(micro_batch["tokens"], micro_batch["position_ids"], attention_mask=None)
+    """Padded rows need no attention mask: the padding is on the right, after every real token of its row,
+    and the loss mask drops it. Packed rows keep attention within each sample: TE's THD attention with the
+    samples' boundaries (which also restarts the RoPE positions), or on the local spec a block-diagonal
+    causal mask. There RoPE rotates by the position in the row; since a rotary score depends only on the
+    query-key offset and attention stays inside the sample, that equals rotating by the position in the
+    sample (tests/test_batching.py: packed log-probs equal padded ones)."""
+    tokens, position_ids = micro_batch["tokens"], micro_batch["position_ids"]
+    padding_mask = _padding_mask(model, micro_batch)
+    if "cu_seqlens" not in micro_batch:
+        return model(tokens, position_ids, attention_mask=None, padding_mask=padding_mask)
+    if _uses_thd(micro_batch):
+        from megatron.core.packed_seq_params import PackedSeqParams
+        from megatron.core.utils import get_attr_wrapped_model
+
+        rows, seq_length = tokens.shape
+        boundaries, longest = micro_batch["cu_seqlens"], micro_batch["max_seqlen"]
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=boundaries, cu_seqlens_kv=boundaries,
+                                 max_seqlen_q=longest, max_seqlen_kv=longest)
+        output = model(tokens.view(1, -1), position_ids.view(1, -1), attention_mask=None, padding_mask=padding_mask,
+                       packed_seq_params=packed)
+        return output.view(rows, seq_length, -1) if get_attr_wrapped_model(model, "post_process") else output
+    segments = micro_batch["segment_ids"]
+    same_sample = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril()
+    masked = ~(same_sample & causal)[:, None]  # [b, 1, s, s], True where attention is not allowed
+    return model(tokens, position_ids, attention_mask=masked, padding_mask=padding_mask)
 
 
 def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
@@ -38,6 +87,8 @@ def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
 
     first = micro_batches[0]
     batch_size, seq_length = first["tokens"].shape
+    if _uses_thd(first):  # the stages exchange [b * s, 1, hidden]
+        batch_size, seq_length = 1, batch_size * seq_length
     data_iterator = [iter(micro_batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(micro_batches)
     return get_forward_backward_func()(
         forward_step_func=forward_step,

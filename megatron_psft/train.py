@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from megatron_psft import checkpoint, parallel, routing
 from megatron_psft import platform as platforms
-from megatron_psft.data import SFTDataset, check_tokenizer, collate, global_batch_indices
+from megatron_psft.batching import Batching, rank_micro_batches
+from megatron_psft.data import SFTDataset, check_tokenizer, global_batch_indices
 from megatron_psft.logger import MetricsLogger, drop_steps_after
 from megatron_psft.memory import memory_record
 from megatron_psft.metrics import model_flops_per_token, moe_load_balance
@@ -34,7 +35,7 @@ from megatron_psft.step import forward_only_pass, policy_logprobs, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Settings a resumed run must share with its checkpoint: they place the data and the old-policy round.
-RESUME_INVARIANTS = ("seed", "global_batch_size", "micro_batch_size", "seq_length", "objective",
+RESUME_INVARIANTS = ("seed", "global_batch_size", "micro_batch_size", "seq_length", "pack_sequences", "objective",
                      "old_policy_interval", "sft_warmup_steps", "data_prefix")
 # Settings the optimizer state and the per-rank state are laid out by: changing one needs
 # --no-load-optim or --finetune (the weights themselves are layout-free).
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seq-length", type=int, default=4096)
     data.add_argument("--micro-batch-size", type=int, default=1)
     data.add_argument("--global-batch-size", type=int, default=32, help="sequences per optimizer step (the paper's mini-batch)")
+    data.add_argument("--pack-sequences", action="store_true",
+                      help="pack whole samples into each --seq-length row (attention and positions stay within a "
+                           "sample); a micro-batch is --micro-batch-size rows, the global batch still "
+                           "--global-batch-size samples")
     data.add_argument("--tokenizer", default=None,
                       help="the model's HF tokenizer (directory or name): the data's tokenizer (its meta.json) must "
                            "have the same vocabulary. Default: --hf-config when that directory holds a tokenizer")
@@ -302,7 +307,7 @@ def resolve_run(args: argparse.Namespace, platform: Optional[platforms.Platform]
         expert=args.expert_model_parallel_size, expert_tensor=args.expert_tensor_parallel_size,
         virtual_pipeline=args.virtual_pipeline_model_parallel_size, sequence_parallel=args.sequence_parallel)
     sizes = Sizes.of(layout, int(os.environ.get("WORLD_SIZE", "1")))
-    if args.global_batch_size % (sizes.data * args.micro_batch_size):
+    if not args.pack_sequences and args.global_batch_size % (sizes.data * args.micro_batch_size):
         raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by data-parallel size "
                          f"{sizes.data} x --micro-batch-size {args.micro_batch_size}")
     if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
@@ -320,7 +325,7 @@ def resolve_run(args: argparse.Namespace, platform: Optional[platforms.Platform]
             moe_grouped_gemm=args.moe_grouped_gemm, moe_aux_loss_coeff=args.moe_aux_loss_coeff,
             routing_replay=args.moe_router_replay or args.moe_routing_flip_stats,
             recompute_granularity=args.recompute_granularity, recompute_modules=args.recompute_modules,
-            platform=platform,
+            pack_sequences=args.pack_sequences, platform=platform,
             **({"recompute_method": args.recompute_method, "recompute_num_layers": args.recompute_num_layers}
                if args.recompute_method else {}))
     except (ValueError, AssertionError) as error:
@@ -362,6 +367,8 @@ class Trainer:
             parallel.print_rank_last(f"starting from the weights of {args.load} at step 0: {why}")
         self.dataset = SFTDataset(args.data_prefix, vocab_size=self.model_args.vocab_size)
         check_data(self.dataset.meta, self.model_args, args)
+        self.batching = Batching(args.seq_length, args.micro_batch_size, self.dataset.meta["pad_id"],
+                                 pack=args.pack_sequences)
         self.objective = ObjectiveConfig(args.objective, args.eps_low, args.eps_high, args.kl_coef, args.entropy_top_fraction)
         chunks = build_model_chunks(self.model_args, self.transformer_config)
         if run.weights_from:
@@ -418,16 +425,8 @@ class Trainer:
     # --- data ---------------------------------------------------------------------------------------
     def micro_batches(self, step: int) -> List[dict]:
         """This data-parallel rank's share of global batch `step`, as micro-batches."""
-        args = self.args
-        indices = global_batch_indices(len(self.dataset), args.global_batch_size, step, args.seed)
-        per_rank = args.global_batch_size // parallel.data_size()
-        mine = indices[parallel.data_rank() * per_rank:(parallel.data_rank() + 1) * per_rank]
-        device = parallel.device()
-        return [
-            {k: v.to(device) for k, v in collate([self.dataset[i] for i in mine[start:start + args.micro_batch_size]],
-                                                  args.seq_length, self.dataset.meta["pad_id"]).items()}
-            for start in range(0, per_rank, args.micro_batch_size)
-        ]
+        indices = global_batch_indices(len(self.dataset), self.args.global_batch_size, step, self.args.seed)
+        return rank_micro_batches(self.dataset, indices, self.batching, parallel.device())
 
     def _old_policy_pass(self, chunks, replays, step):
         return forward_only_pass(chunks, self.micro_batches(step), self.model_args.vocab_size, replays)

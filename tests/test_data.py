@@ -666,8 +666,9 @@ PAD = 99
 
 def test_collate_pads_and_shifts():
     batch = collate(SAMPLES, seq_length=6, pad_id=PAD)
-    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "segment_ids"}
     assert all(t.shape == (3, 6) for t in batch.values())
+    assert batch["segment_ids"][0].tolist() == [0, 0, 0, 0, -1, -1] and batch["segment_ids"][2].tolist() == [2] * 6
     assert batch["tokens"].dtype == batch["labels"].dtype == batch["position_ids"].dtype == torch.int64
     assert batch["loss_mask"].dtype == torch.float32
     assert batch["tokens"][0].tolist() == [1, 2, 3, 4, 5, PAD]
@@ -683,9 +684,9 @@ def test_collate_pads_and_shifts():
 
 def test_pack_segments_positions_and_boundaries():
     batch = pack(SAMPLES, seq_length=8, pad_id=PAD)  # 4 + 2 positions fit a row; the 6-position sample starts a new one
-    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "cu_seqlens"}
-    assert batch["tokens"].shape == (2, 8) and batch["cu_seqlens"].dtype == torch.int32
-    assert batch["cu_seqlens"].tolist() == [0, 4, 6, 8, 14, 16]
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "segment_ids"}
+    assert batch["tokens"].shape == (2, 8)
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 0, 1, 1, -1, -1], [2, 2, 2, 2, 2, 2, -1, -1]]
     assert batch["tokens"][0].tolist() == [1, 2, 3, 4, 6, 7, PAD, PAD]
     assert batch["labels"][0].tolist() == [2, 3, 4, 5, 7, 8, PAD, PAD]  # sample 0 ends on its own token 5, not on 6
     assert batch["loss_mask"][0].tolist() == [0, 1, 1, 1, 1, 1, 0, 0]
@@ -700,6 +701,6 @@ def test_pack_segments_positions_and_boundaries():
     assert trained(batch) == trained(padded)
 
     full = pack([sample(range(9), [1] * 9)], seq_length=8, pad_id=PAD)  # seq_length + 1 ids fill a row exactly
-    assert full["cu_seqlens"].tolist() == [0, 8] and full["labels"][0].tolist() == list(range(1, 9))
+    assert full["segment_ids"].tolist() == [[0] * 8] and full["labels"][0].tolist() == list(range(1, 9))
     with pytest.raises(ValueError, match="longer than seq_length"):
         pack([sample(range(10), [1] * 10)], seq_length=8, pad_id=PAD)

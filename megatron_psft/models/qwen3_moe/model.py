@@ -34,6 +34,7 @@ def transformer_config(
     routing_replay: bool = False,
     recompute_granularity: Optional[str] = None,
     recompute_modules: Optional[list] = None,
+    pack_sequences: bool = False,
     platform: Optional[platforms.Platform] = None,
     **overrides,
 ):
@@ -117,7 +118,9 @@ def transformer_config(
         # Each fused kernel only where it exists; the rest run Megatron's reference implementations.
         gradient_accumulation_fusion=te and platform.grad_accumulation_fusion,
         bias_activation_fusion=False,
-        masked_softmax_fusion=platform.fused_softmax,
+        # Packed rows on the local spec attend through a block-diagonal mask, which Megatron's fused causal
+        # softmax kernel would ignore (it applies its own upper-triangular mask).
+        masked_softmax_fusion=platform.fused_softmax and not (pack_sequences and not te),
         apply_rope_fusion=te_kernels,
         persist_layer_norm=False,
         calculate_per_token_loss=True,  # PSFT's token mean over the whole global batch
