@@ -1,6 +1,7 @@
 """Where step records go: the console (averaged over ``--log-interval``, with elapsed time and ETA),
-``metrics.jsonl`` (every step, or every interval), TensorBoard and Weights & Biases. Only the last
-rank writes: it holds the loss, and every record is already reduced over ranks."""
+``metrics.jsonl`` (every step, or every interval), TensorBoard and Weights & Biases; evaluation
+records go to the same places at their own step. Only the last rank writes: it holds the loss, and
+every record is already reduced over ranks."""
 
 import json
 import math
@@ -8,10 +9,13 @@ import os
 import socket
 import time
 import warnings
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 from urllib.parse import urlparse
 
 import torch.distributed as dist
+
+if TYPE_CHECKING:  # evaluation imports Megatron-Core; the logger must not
+    from megatron_psft.evaluation import EvalResult
 
 # Console columns: (record key, label, format).
 CONSOLE = (("loss", "loss", ".5f"), ("entropy", "entropy", ".4f"), ("clip_fraction", "clip frac", ".4f"),
@@ -159,6 +163,35 @@ class MetricsLogger:
                    if key.startswith("time/") and isinstance(value, float) and value > 0]
         if timings:
             parts.append("s: " + ", ".join(timings))
+        print(" | ".join(parts), flush=True)
+
+    def log_eval(self, step: int, results: Dict[str, "EvalResult"], seconds: Optional[float] = None) -> None:
+        """Record an evaluation after `step` optimizer steps (0: before training) as one JSONL line
+        ``{"step", "eval/NAME/nll", "eval/NAME/entropy", "eval/NAME/tokens"}``, one console line and
+        the same scalars in TensorBoard and W&B at that step. It shares the training records' step
+        numbering, so a resume drops and redoes it exactly like them."""
+        if not self.active:
+            return
+        record = {f"eval/{name}/{key}": getattr(result, key)
+                  for name, result in results.items() for key in ("nll", "entropy", "tokens")}
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+            self.jsonl.flush()
+        scalars = {key: value for key, value in record.items() if value is not None}
+        if self.writer:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=step)
+        parts = [f" evaluation at step {step:>6}/{self.train_steps:>6}"]
+        for name, result in results.items():
+            if result.tokens:
+                parts.append(f"{name}: nll {result.nll:.5f}, entropy {result.entropy:.4f}, tokens {result.tokens}")
+            else:
+                parts.append(f"{name}: no response tokens")
+        if seconds is not None:
+            parts.append(f"{seconds:.2f} s")
         print(" | ".join(parts), flush=True)
 
     def note(self, line: str) -> None:

@@ -1,0 +1,132 @@
+"""Held-out evaluation during training: per named set, the token-mean NLL, the mean entropy and the
+token count over its response tokens (loss mask 1), from a forward-only pass through Megatron's
+pipeline schedule.
+
+Training cannot tell whether it ran: the pass is the old-policy pass's forward under
+``torch.no_grad``, where Megatron's router records no aux loss and updates no expert bias, and the
+model has no dropout (models/qwen3_moe), so no random number is drawn and no gradient buffer,
+optimizer or RNG state is touched.
+
+Exact under every layout: the sums of NLL and entropy and the token count are summed over the
+micro-batches and data-parallel ranks on the last pipeline stage, then shared with every stage
+(:func:`megatron_psft.step._reduce_over_stages`), so every rank returns the same numbers. Batches
+are reduced one at a time and accumulated on the host in float64: Megatron's metric reduction is
+fp32, which counts tokens exactly only up to 2**24, a bound a whole evaluation set can pass.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_psft import parallel
+from megatron_psft.batching import Batching, rank_micro_batches
+from megatron_psft.data import SFTDataset
+from megatron_psft.logprobs import vocab_parallel_logprobs
+from megatron_psft.step import _model_forward, _reduce_over_stages, _run_schedule
+
+# Set names become metric keys (eval/NAME/nll) and TensorBoard tags.
+_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How evaluation batches a set: its stored order, `global_batch_size` samples per batch (the
+    last may be short), the first `eval_iters` batches (None: the whole set), padded or packed into
+    micro-batches as training does (:mod:`megatron_psft.batching`)."""
+
+    seq_length: int
+    micro_batch_size: int
+    global_batch_size: int
+    eval_iters: Optional[int] = None
+    pack: bool = False
+
+    def __post_init__(self):
+        if self.eval_iters is not None and self.eval_iters < 1:
+            raise ValueError(f"--eval-iters must be at least 1 (or left out for the whole set), got {self.eval_iters}")
+
+    @classmethod
+    def from_args(cls, args) -> "EvalSettings":
+        """The trainer's flags: --seq-length, --micro-batch-size, --global-batch-size, --eval-iters and
+        --pack-sequences."""
+        return cls(args.seq_length, args.micro_batch_size, args.global_batch_size, args.eval_iters, args.pack_sequences)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    nll: Optional[float]  # token mean of -log p(label); None when the evaluated samples hold no response token
+    entropy: Optional[float]  # token mean of the full-vocabulary entropy (nats)
+    tokens: int  # response tokens evaluated
+
+
+def parse_eval_data_prefix(items: Sequence[str]) -> Dict[str, str]:
+    """``--eval-data-prefix NAME=PREFIX [NAME=PREFIX ...]`` as ``{name: prefix}``, in the given order."""
+    sets: Dict[str, str] = {}
+    for item in items:
+        name, separator, prefix = item.partition("=")
+        if not separator or not prefix:
+            raise ValueError(f"--eval-data-prefix {item!r}: expected NAME=PREFIX (a name for the set, then the "
+                             "--output-prefix of tools/preprocess_data.py)")
+        if not _SET_NAME.fullmatch(name):
+            raise ValueError(f"--eval-data-prefix {item!r}: the set's name must be letters, digits, '_', '.' or '-' "
+                             "(it becomes the metric key eval/NAME/nll)")
+        if name in sets:
+            raise ValueError(f"--eval-data-prefix names the set {name!r} twice")
+        sets[name] = prefix
+    return sets
+
+
+def eval_batches(num_samples: int, global_batch_size: int, eval_iters: Optional[int] = None) -> List[range]:
+    """The global sample indices of each evaluation batch: the set in its stored order."""
+    batches = [range(start, min(start + global_batch_size, num_samples))
+               for start in range(0, num_samples, global_batch_size)]
+    return batches if eval_iters is None else batches[:eval_iters]
+
+
+def evaluate(model_chunks, datasets: Dict[str, SFTDataset], settings: EvalSettings,
+             vocab_size: int) -> Dict[str, EvalResult]:
+    """Evaluate `model_chunks` (this rank's chunks, DDP-wrapped as the trainer holds them) on each
+    named set. Every rank must call it with the same sets; every rank gets the same results."""
+    return {name: _evaluate_set(model_chunks, dataset, settings, vocab_size) for name, dataset in datasets.items()}
+
+
+def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, vocab_size: int) -> EvalResult:
+    def loss_func(labels, loss_mask, logits):
+        logprobs, entropy = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size, with_entropy=True)
+        mask = loss_mask.float()
+        sums = {"nll_total": -(logprobs * mask).sum(), "entropy_total": (entropy * mask).sum(),
+                "tokens_total": mask.sum()}
+        return sums["nll_total"], torch.tensor(0, dtype=torch.int), sums
+
+    def forward_step(data_iterator, model):
+        micro_batch = next(data_iterator)
+        logits = _model_forward(model, micro_batch)
+        return logits, lambda output: loss_func(micro_batch["labels"], micro_batch["loss_mask"], output)
+
+    batching = Batching(settings.seq_length, settings.micro_batch_size, dataset.meta["pad_id"], settings.pack)
+    totals = {"nll_total": 0.0, "entropy_total": 0.0, "tokens_total": 0.0}
+    for indices in eval_batches(len(dataset), settings.global_batch_size, settings.eval_iters):
+        micro_batches = _whole_groups(model_chunks, rank_micro_batches(dataset, indices, batching, parallel.device()))
+        with torch.no_grad():
+            per_microbatch = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
+        batch = _reduce_over_stages(per_microbatch)
+        for key in totals:
+            totals[key] += batch[key]
+    tokens = int(totals["tokens_total"])
+    if tokens == 0:
+        return EvalResult(None, None, 0)
+    return EvalResult(totals["nll_total"] / tokens, totals["entropy_total"] / tokens, tokens)
+
+
+def _whole_groups(model_chunks, micro_batches: List[dict]) -> List[dict]:
+    """The interleaved (VPP) schedule runs micro-batches in groups of ``microbatch_group_size_per_vp_stage``
+    (default: PP) and refuses a partial last group: a short last batch is topped up with copies of its
+    last micro-batch whose loss mask is cleared (every rank tops up alike: they hold as many)."""
+    if len(model_chunks) == 1:
+        return micro_batches
+    from megatron.core.utils import get_model_config
+
+    group = get_model_config(model_chunks[0]).microbatch_group_size_per_vp_stage
+    padding = dict(micro_batches[-1], loss_mask=torch.zeros_like(micro_batches[-1]["loss_mask"]))
+    return micro_batches + [padding] * (-len(micro_batches) % group)
