@@ -118,15 +118,34 @@ def rank_micro_batches(dataset, indices: Sequence[int], batching: Batching, devi
         rows = collate(samples, batching.seq_length, batching.pad_id)
     missing = num_micro_batches * per_micro_batch - len(rows["tokens"])
     if missing:
-        padding = _padding_rows(missing, batching)
-        rows = {key: torch.cat([rows[key], padding[key]]) for key in padding}
+        rows = _with_padding_rows(rows, missing, batching)
+    return _micro_batches(rows, per_micro_batch, batching, device)
 
+
+def _with_padding_rows(rows: dict, count: int, batching: Batching) -> dict:
+    padding = _padding_rows(count, batching)
+    return {key: torch.cat([rows[key], padding[key].to(rows[key].device)]) for key in padding}
+
+
+def _micro_batches(rows: dict, per_micro_batch: int, batching: Batching, device) -> List[dict]:
+    """Split `rows` into micro-batches of `per_micro_batch` rows (padding the last), on `device`."""
+    missing = -len(rows["tokens"]) % per_micro_batch
+    if missing:
+        rows = _with_padding_rows(rows, missing, batching)
     micro_batches = []
     for start in range(0, len(rows["tokens"]), per_micro_batch):
         micro_batch = {key: value[start:start + per_micro_batch].to(device) for key, value in rows.items()}
         if batching.pack:
-            boundaries = sample_boundaries(rows["segment_ids"][start:start + per_micro_batch])
+            boundaries = sample_boundaries(micro_batch["segment_ids"].cpu())
             micro_batch["cu_seqlens"] = torch.tensor(boundaries, dtype=torch.int32, device=device)
             micro_batch["max_seqlen"] = max(b - a for a, b in zip(boundaries, boundaries[1:]))
         micro_batches.append(micro_batch)
     return micro_batches
+
+
+def regroup(micro_batches: List[dict], rows_per_micro_batch: int, batching: Batching) -> List[dict]:
+    """The same rows in micro-batches of `rows_per_micro_batch` (the last one completed with padding rows),
+    e.g. for a forward-only pass that fits more rows than training does."""
+    keys = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
+    rows = {key: torch.cat([micro_batch[key] for micro_batch in micro_batches]) for key in keys}
+    return _micro_batches(rows, rows_per_micro_batch, batching, micro_batches[0]["tokens"].device)

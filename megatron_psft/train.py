@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megatron_psft import checkpoint, parallel, routing
 from megatron_psft import platform as platforms
-from megatron_psft.batching import Batching, rank_micro_batches
+from megatron_psft.batching import Batching, rank_micro_batches, regroup
 from megatron_psft.data import SFTDataset, check_tokenizer, global_batch_indices
 from megatron_psft.logger import MetricsLogger, drop_steps_after
 from megatron_psft.memory import memory_record
@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eps-high", type=float, default=0.28)
     train.add_argument("--kl-coef", type=float, default=0.5, help="sft-kl: weight of the KL to the frozen reference")
     train.add_argument("--entropy-top-fraction", type=float, default=0.2, help="psft-ent: fraction of tokens trained")
+    train.add_argument("--old-policy-micro-batch-size", type=int, default=None,
+                       help="rows per micro-batch of the forward-only old-policy pass, which keeps no activations "
+                            "and so fits more (default: --micro-batch-size)")
     train.add_argument("--old-policy-interval", default="8",
                        help="optimizer steps per old-policy round (round batch / global batch), or 'never'")
     train.add_argument("--no-first-step-reuse", dest="reuse_first_step", action="store_false",
@@ -229,6 +232,12 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--sft-warmup-steps must be smaller than --train-iters")
     if args.moe_router_replay and (args.recompute_granularity == "full" or "moe" in (args.recompute_modules or [])):
         parser.error("--moe-router-replay cannot recompute the router (full or 'moe' recompute): it would re-route")
+    if args.old_policy_micro_batch_size is not None and args.old_policy_micro_batch_size < 1:
+        parser.error(f"--old-policy-micro-batch-size must be at least 1, got {args.old_policy_micro_batch_size}")
+    if (args.moe_router_replay or args.moe_routing_flip_stats) and args.old_policy_micro_batch_size not in (
+            None, args.micro_batch_size):
+        parser.error("--moe-router-replay / --moe-routing-flip-stats compare routing micro-batch by micro-batch: "
+                     "--old-policy-micro-batch-size must equal --micro-batch-size")
     if (args.moe_router_replay or args.moe_routing_flip_stats) and args.virtual_pipeline_model_parallel_size:
         parser.error("--moe-router-replay / --moe-routing-flip-stats do not support a virtual pipeline yet")
 
@@ -429,7 +438,17 @@ class Trainer:
         return rank_micro_batches(self.dataset, indices, self.batching, parallel.device())
 
     def _old_policy_pass(self, chunks, replays, step):
-        return forward_only_pass(chunks, self.micro_batches(step), self.model_args.vocab_size, replays)
+        """The old policy's log-probs (and routing) for step `step`'s micro-batches, computed in micro-batches
+        of --old-policy-micro-batch-size rows."""
+        micro_batches = self.micro_batches(step)
+        rows = self.args.old_policy_micro_batch_size or self.args.micro_batch_size
+        if rows == self.args.micro_batch_size:
+            return forward_only_pass(chunks, micro_batches, self.model_args.vocab_size, replays)
+        results = forward_only_pass(chunks, regroup(micro_batches, rows, self.batching), self.model_args.vocab_size)
+        if not parallel.is_last_stage():
+            return [{} for _ in micro_batches]
+        logprobs = torch.cat([result["logprobs"] for result in results]).split(self.args.micro_batch_size)
+        return [{"logprobs": values} for values in logprobs[:len(micro_batches)]]
 
     # --- one step -----------------------------------------------------------------------------------
     def train_one_step(self) -> dict:
@@ -456,9 +475,10 @@ class Trainer:
         if clipped is not None and self.clipped_tokens_file:
             self._write_clipped_tokens(step, clipped, response)
         real_tokens = self._global_real_tokens(micro_batches)
-        # Forward-equivalents of sequences: training (forward + backward = 3), old-policy and reference passes.
-        forward_sequences = args.global_batch_size * (3 + self.old_policy.last_pass_steps
-                                                      + objective.needs_reference_logprobs)
+        # Forward-equivalents of the rows computed (all ranks hold as many): training (forward + backward = 3),
+        # old-policy and reference passes.
+        rows = len(micro_batches) * args.micro_batch_size * parallel.data_size()
+        forward_sequences = rows * (3 + self.old_policy.last_pass_steps + objective.needs_reference_logprobs)
         record.update(
             phase="sft-warmup" if in_warmup else objective.name,
             grad_norm=result.grad_norm,
@@ -514,8 +534,8 @@ class Trainer:
                          f"{estimate['total']:.2f} GiB (--dry-run)")
 
     def _global_real_tokens(self, micro_batches) -> int:
-        """Input tokens of the global batch that are not padding (not ``pad_id``)."""
-        local = sum(int((mb["tokens"] != self.dataset.meta["pad_id"]).sum()) for mb in micro_batches)
+        """Input positions of the global batch that belong to a sample (padding has no segment)."""
+        local = sum(int((mb["segment_ids"] >= 0).sum()) for mb in micro_batches)
         total = torch.tensor(float(local), device=parallel.device())
         dist.all_reduce(total, group=parallel.data_group())
         return int(total)

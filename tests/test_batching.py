@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron_psft.batching import Batching, pack_order, rank_micro_batches, sample_boundaries, shares_of_data_ranks
+from megatron_psft.batching import (Batching, pack_order, rank_micro_batches, regroup, sample_boundaries,
+                                   shares_of_data_ranks)
 
 PAD = 0
 
@@ -104,6 +105,21 @@ def test_every_rank_gets_the_same_number_of_micro_batches_and_all_samples_once(p
         every_pair.update(_trained_positions(micro_batches))
     padded = rank_micro_batches(dataset, indices, Batching(40, 13, PAD), data_rank=0, data_size=1)
     assert every_pair == _trained_positions(padded)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_regroup_keeps_the_rows_in_order_and_pads_the_last_micro_batch(packed):
+    dataset = Samples(list(np.random.default_rng(5).integers(2, 20, size=10)))
+    batching = Batching(seq_length=20, micro_batch_size=2, pad_id=PAD, pack=packed)
+    micro_batches = rank_micro_batches(dataset, list(range(10)), batching, data_rank=0, data_size=1)
+    larger = regroup(micro_batches, 3, batching)
+    assert all(micro_batch["tokens"].shape == (3, 20) for micro_batch in larger)
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+        before, after = torch.cat([m[key] for m in micro_batches]), torch.cat([m[key] for m in larger])
+        assert torch.equal(after[:len(before)], before), key
+        assert (torch.cat([m["loss_mask"] for m in larger])[len(before):] == 0).all()
+    if packed:
+        assert all(m["cu_seqlens"].tolist() == sample_boundaries(m["segment_ids"]) for m in larger)
 
 
 def test_packing_needs_fewer_rows_on_skewed_lengths():

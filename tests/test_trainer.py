@@ -22,6 +22,7 @@ LAYOUTS = {
     "pp2_vpp2_dp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
 }
 RESUME_LAYOUT = LAYOUTS["tp2_ep2_sp_dp2"]
+PACKED_LAYOUTS = ("tp1_dp4", "tp2_ep2_sp_dp2", "pp2_dp2")
 NO_REUSE_LAYOUTS = ("tp1_dp4", "tp2_ep2_sp_dp2", "pp2_vpp2_dp2")
 # Settings a resume must keep (train.RESUME_INVARIANTS): a changed one is refused, naming it.
 CHANGED_ON_RESUME = {"seed": ["--seed", "99"], "old_policy_interval": ["--old-policy-interval", "4"]}
@@ -90,6 +91,18 @@ def _scenarios(tmp, data_prefix):
                                         "--metrics-file", os.path.join(tmp, f"no_reuse_{name}.jsonl")])
         parallel.destroy()
 
+    # Packed: the same samples per step, several to a row, at three layouts; and resumed mid-round.
+    for name in PACKED_LAYOUTS:
+        _train(start + LAYOUTS[name] + ["--train-iters", "6", "--old-policy-interval", "4", "--pack-sequences",
+                                        "--metrics-file", os.path.join(tmp, f"packed_{name}.jsonl")])
+        parallel.destroy()
+    packed_ckpt = os.path.join(tmp, "packed_ckpt")
+    for part, extra in (("part1", ["--exit-interval", "3"]), ("part2", ["--load", packed_ckpt])):
+        _train(start + RESUME_LAYOUT + ["--train-iters", "6", "--old-policy-interval", "4", "--pack-sequences",
+                                        "--save", packed_ckpt, *extra,
+                                        "--metrics-file", os.path.join(tmp, f"packed_{part}.jsonl")])
+        parallel.destroy()
+
     resume = start + RESUME_LAYOUT + ["--train-iters", "8", "--old-policy-interval", "3"]
     _train(resume + ["--metrics-file", os.path.join(tmp, "straight.jsonl")]); parallel.destroy()
     ckpt = os.path.join(tmp, "resume_ckpt")
@@ -132,7 +145,8 @@ def _scenarios(tmp, data_prefix):
                + ["--metrics-file", os.path.join(tmp, f"objective_{name}.jsonl")])
         parallel.destroy()
     for name, extra in (("flips", ["--moe-routing-flip-stats"]), ("replay", ["--moe-router-replay"]),
-                        ("replay_lr0", ["--moe-router-replay", "--lr", "0"])):
+                        ("replay_lr0", ["--moe-router-replay", "--lr", "0"]),
+                        ("replay_lr0_packed", ["--moe-router-replay", "--lr", "0", "--pack-sequences"])):
         _train(start + LAYOUTS["tp2_ep2_sp_dp2"] + [
             "--train-iters", "3", "--old-policy-interval", "3", "--no-first-step-reuse", "--lr", "1e-3", *extra,
             "--metrics-file", os.path.join(tmp, f"routing_{name}.jsonl")])
@@ -162,6 +176,29 @@ def test_six_steps_agree_across_layouts(run):
             assert got["entropy"] == pytest.approx(want["entropy"], rel=1e-4), (name, got["step"])
     # Training moved the policy: later steps of a round see ratios away from 1.
     assert reference[2]["ratio_max"] > 1.0 and reference[2]["approx_kl"] > 0
+
+
+def test_packed_steps_equal_padded_steps_at_every_layout(run):
+    """Packing changes the rows, not the math: the same samples per step, each attending only to itself,
+    give the padded run's loss, gradient norm and entropy (the aux loss, whose statistics follow the
+    micro-batches, is off here)."""
+    tmp, _ = run
+    padded = _metrics(os.path.join(tmp, "layout_tp1_dp4.jsonl"))
+    for name in PACKED_LAYOUTS:
+        packed = _metrics(os.path.join(tmp, f"packed_{name}.jsonl"))
+        for got, want in _paired(packed, padded, steps=range(1, 7)):
+            for key in ("loss", "grad_norm", "entropy", "trained_tokens_total"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4), (name, got["step"], key)
+
+
+def test_packed_resume_mid_round_equals_uninterrupted(run):
+    tmp, _ = run
+    straight = _metrics(os.path.join(tmp, "packed_tp2_ep2_sp_dp2.jsonl"))
+    resumed = _metrics(os.path.join(tmp, "packed_part1.jsonl")) + _metrics(os.path.join(tmp, "packed_part2.jsonl"))
+    for got, want in _paired(resumed, straight, steps=range(1, 7)):
+        for key in ("loss", "grad_norm", "ratio_mean", "clip_fraction", "entropy"):
+            assert got[key] == pytest.approx(want[key], rel=0, abs=1e-6), (key, got["step"], got[key], want[key])
+    assert resumed[3]["old_policy_s"] == 0.0 and resumed[3]["ratio_min"] != 1.0  # step 4: old log-probs from the checkpoint
 
 
 def test_first_step_of_each_round_has_ratio_exactly_one(run):
@@ -315,7 +352,11 @@ def test_replay_without_weight_change_gives_ratio_one_everywhere(run):
     """lr 0: the weights never move, so the replayed training pass reproduces the old policy's
     log-probs exactly at every step of the round, not just at its first."""
     tmp, _ = run
-    records = _metrics(os.path.join(tmp, "routing_replay_lr0.jsonl"))
+    for name in ("routing_replay_lr0", "routing_replay_lr0_packed"):
+        _replayed_exactly(_metrics(os.path.join(tmp, f"{name}.jsonl")))
+
+
+def _replayed_exactly(records):
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
         assert record["learning_rate"] == 0.0 and record["routing_flip_fraction"] == 0.0, record

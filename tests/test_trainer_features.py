@@ -22,6 +22,7 @@ FEATURE_LAYOUTS = {
     "ep2_dp4": ["--expert-model-parallel-size", "2"],
     "pp2_dp2": ["--pipeline-model-parallel-size", "2"],
     "pp2_vpp2_dp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
+    "tp2_sp_pp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--pipeline-model-parallel-size", "2"],
 }
 # name: (layout of the default run it must reproduce, extra flags)
 SAME_MATH = {
@@ -34,9 +35,15 @@ SAME_MATH = {
                                         "--recompute-modules", "core_attn", "moe"]),
     "overlap_grad_reduce_pp2": ("pp2_dp2", ["--overlap-grad-reduce"]),
     "overlap_grad_reduce_pp2_vpp2": ("pp2_vpp2_dp2", ["--overlap-grad-reduce"]),
+    # The old-policy pass in micro-batches of 4 rows (training's 2 rows each, regrouped), through the pipeline.
+    "old_policy_micro_batch_size": ("pp2_dp2", ["--old-policy-micro-batch-size", "4"]),
 }
 OTHER_MATH = {"bf16": ("ep2_dp4", ["--params-dtype", "bf16"]),
-              "aux_loss": ("ep2_dp4", ["--moe-aux-loss-coeff", "0.01"])}
+              "aux_loss": ("ep2_dp4", ["--moe-aux-loss-coeff", "0.01"]),
+              # Twice the padding per row: Megatron's padding mask keeps it out of the load-balancing loss.
+              "aux_loss_more_padding": ("ep2_dp4", ["--moe-aux-loss-coeff", "0.01", "--seq-length", str(2 * SEQ)]),
+              # Later pipeline stages under sequence parallelism get the padding mask split as their hidden states.
+              "aux_loss_tp2_sp_pp2": ("tp2_sp_pp2", ["--moe-aux-loss-coeff", "0.01"])}
 WORLD_SIZE_ARGS = ["--train-iters", "3", "--old-policy-interval", "2"]
 
 
@@ -175,7 +182,8 @@ def _features(tmp, data_prefix, configs):
         settings[name] = dict(
             distributed_optimizer=ddp.use_distributed_optimizer, overlap_grad_reduce=ddp.overlap_grad_reduce,
             dispatcher=config.moe_token_dispatcher_type, recompute=config.recompute_granularity,
-            params_dtype=str(config.params_dtype), aux_loss_coeff=config.moe_aux_loss_coeff)
+            params_dtype=str(config.params_dtype), aux_loss_coeff=config.moe_aux_loss_coeff,
+            old_policy_micro_batch_size=trainer.args.old_policy_micro_batch_size)
         parallel.destroy()
     results["settings"] = settings
 
@@ -242,6 +250,7 @@ EXPECTED_SETTINGS = {
     "overlap_grad_reduce_pp2_vpp2": dict(overlap_grad_reduce=True),
     "bf16": dict(params_dtype="torch.bfloat16"),
     "aux_loss": dict(aux_loss_coeff=0.01),
+    "old_policy_micro_batch_size": dict(old_policy_micro_batch_size=4),
 }
 
 
@@ -280,6 +289,17 @@ def test_aux_loss_reaches_the_gradient_and_the_load_balance_metrics(run):
         assert "moe_load_balance_mean" not in want
         # Megatron's load-balancing loss: 1 for a uniform router, more when tokens crowd experts.
         assert 0.9 < got["moe_load_balance_mean"] <= got["moe_load_balance_max"] < 8, got
+
+
+def test_load_balancing_loss_is_over_real_tokens_whatever_the_padding_and_layout(run):
+    """Padding takes no part in the aux loss: neither more padding per row nor another layout changes
+    the load-balancing loss or the gradient it adds. (Counted, it would scale with padded/real tokens.)"""
+    tmp, _, _ = run
+    reference = _records(tmp, "aux_loss")
+    for name in ("aux_loss_more_padding", "aux_loss_tp2_sp_pp2"):
+        for got, want in _paired(_records(tmp, name), reference):
+            for key in ("loss", "grad_norm", "moe_load_balance_mean", "moe_load_balance_max"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4), (name, got["step"], key, got[key], want[key])
 
 
 def test_tied_embeddings_train_agree_across_layouts_and_stay_tied(run):
