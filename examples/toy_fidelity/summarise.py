@@ -17,41 +17,26 @@ import math
 import os
 import sys
 
-
-def read_records(path: str) -> dict:
-    """{step: record} from a metrics.jsonl, records of the same step merged (a step's training and
-    eval metrics may come as separate lines)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "metrics.jsonl")
-    by_step = {}
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON record ({error})") from None
-            by_step.setdefault(record["step"], {}).update(record)
-    return by_step
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # a checkout
+from megatron_psft.plot import INSTALL_HINT, metrics_file, read_series  # noqa: E402
 
 
-def eval_curve(records: dict, in_domain: str, out_of_domain: str, source: str) -> list:
+def eval_curve(series: dict, in_domain: str, out_of_domain: str, source: str) -> list:
     """[(step, {quantity: value})] at every step with eval records of both sets, in step order."""
     keys = {"in_nll": f"eval/{in_domain}/nll", "out_nll": f"eval/{out_of_domain}/nll",
             "in_entropy": f"eval/{in_domain}/entropy", "out_entropy": f"eval/{out_of_domain}/entropy"}
-    curve = [(step, {name: float(record[key]) for name, key in keys.items()})
-             for step, record in sorted(records.items()) if all(record.get(key) is not None for key in keys.values())]
-    if len(curve) < 2:
+    by_key = {name: dict(series.get(key, [])) for name, key in keys.items()}
+    steps = sorted(set.intersection(*(set(values) for values in by_key.values())))
+    if len(steps) < 2:
         raise ValueError(f"{source}: fewer than two steps with {', '.join(keys.values())}; was it trained with "
                          f"--eval-data-prefix {in_domain}=... {out_of_domain}=... and --eval-interval?")
-    return curve
+    return [(step, {name: values[step] for name, values in by_key.items()}) for step in steps]
 
 
-def mean_training_entropy(records: dict, last_steps: int) -> float:
+def mean_training_entropy(series: dict, last_steps: int) -> float:
     """Mean of the training `entropy` metric (on the fine-tuning batches) over the last `last_steps` steps."""
-    values = [record["entropy"] for _, record in sorted(records.items()) if record.get("entropy") is not None]
-    return sum(values[-last_steps:]) / len(values[-last_steps:]) if values else math.nan
+    values = [value for _, value in series.get("entropy", [])][-last_steps:]
+    return sum(values) / len(values) if values else math.nan
 
 
 def at_in_domain_level(curve: list, level: float) -> dict:
@@ -70,15 +55,15 @@ def at_in_domain_level(curve: list, level: float) -> dict:
 
 def summarise(runs: dict, in_domain: str, out_of_domain: str, last_steps: int = 10) -> dict:
     """Per run: the curve, its start and end, the point at the matched in-domain NLL, the late training entropy."""
-    curves = {label: eval_curve(read_records(path), in_domain, out_of_domain, path) for label, path in runs.items()}
+    series = {label: read_series(metrics_file(run)) for label, run in runs.items()}
+    curves = {label: eval_curve(series[label], in_domain, out_of_domain, run) for label, run in runs.items()}
     matched_level = max(min(point["in_nll"] for _, point in curve) for curve in curves.values())
     result = {"matched_in_nll": matched_level, "runs": {}}
-    for label, path in runs.items():
-        curve = curves[label]
+    for label, curve in curves.items():
         result["runs"][label] = dict(
             curve=curve, start=curve[0][1], end=dict(step=curve[-1][0], **curve[-1][1]),
             matched=at_in_domain_level(curve, matched_level),
-            train_entropy=mean_training_entropy(read_records(path), last_steps))
+            train_entropy=mean_training_entropy(series[label], last_steps))
     return result
 
 
@@ -91,14 +76,15 @@ def markdown_table(summary: dict, in_domain: str, out_of_domain: str, last_steps
         "",
         f"| objective | {in_domain} NLL (in-domain), last | {out_of_domain} NLL (out-of-domain), last "
         f"| {in_domain} entropy, last | training entropy, last {last_steps} steps "
-        f"| step at {in_domain} NLL = {level:.3f} | {out_of_domain} NLL there | {in_domain} entropy there |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| step at {in_domain} NLL = {level:.3f} | {out_of_domain} NLL there | {in_domain} entropy there "
+        f"| {out_of_domain} entropy there |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, run in summary["runs"].items():
         end, matched = run["end"], run["matched"]
         lines.append(f"| {label} | {end['in_nll']:.3f} | {end['out_nll']:.3f} | {end['in_entropy']:.3f} "
                      f"| {run['train_entropy']:.3f} | {matched['step']:.1f} | {matched['out_nll']:.3f} "
-                     f"| {matched['in_entropy']:.3f} |")
+                     f"| {matched['in_entropy']:.3f} | {matched['out_entropy']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -106,13 +92,12 @@ def plot_tradeoff(summary: dict, in_domain: str, out_of_domain: str, path: str) 
     """Out-of-domain NLL and in-domain entropy against the in-domain NLL, one curve per run (time runs
     right to left); the dotted line marks the matched level."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
-        sys.exit("the trade-off plot needs matplotlib: pip install -e .[metrics] (or leave out --plot)")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        sys.exit(f"the trade-off plot needs matplotlib: {INSTALL_HINT} (or leave out --plot)")
 
-    figure, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    figure = Figure(figsize=(9, 3.6))
+    axes = figure.subplots(1, 2)
     for label, run in summary["runs"].items():
         in_nll = [point["in_nll"] for _, point in run["curve"]]
         for axis, quantity in zip(axes, ("out_nll", "in_entropy")):
@@ -126,13 +111,13 @@ def plot_tradeoff(summary: dict, in_domain: str, out_of_domain: str, path: str) 
     axes[0].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=80)
-    plt.close(figure)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=PATH",
-                        help="a run directory or its metrics.jsonl, with its label; repeat per run")
+                        help="a run directory or its metrics file (as python -m megatron_psft.plot reads them), "
+                             "with its label; repeat per run")
     parser.add_argument("--in-domain", required=True, help="eval set name of the fine-tuning domain")
     parser.add_argument("--out-of-domain", required=True, help="eval set name of the pre-training domain")
     parser.add_argument("--table", required=True, help="markdown file to write")
