@@ -16,6 +16,7 @@ add ``cu_seqlens`` (int32 boundaries of the samples in the flattened rows) and `
 Transformer Engine's THD attention.
 """
 
+import dataclasses
 import heapq
 import math
 from dataclasses import dataclass
@@ -33,6 +34,13 @@ class Batching:
     micro_batch_size: int
     pad_id: int
     pack: bool = False
+    # Megatron's interleaved (VPP) schedule runs micro-batches in groups of the pipeline size and refuses
+    # a partial group: the number of micro-batches is rounded up to a multiple of this.
+    micro_batch_multiple: int = 1
+
+    def num_micro_batches(self, rows: int) -> int:
+        count = max(1, math.ceil(rows / self.micro_batch_size))
+        return math.ceil(count / self.micro_batch_multiple) * self.micro_batch_multiple
 
 
 def shares_of_data_ranks(indices: Sequence[int], lengths: Sequence[int], data_size: int, packed: bool) -> List[List[int]]:
@@ -105,8 +113,7 @@ def rank_micro_batches(dataset, indices: Sequence[int], batching: Batching, devi
     else:
         rows_per_rank = [len(share) for share in shares]
         mine = shares[data_rank]
-    per_micro_batch = batching.micro_batch_size
-    num_micro_batches = max(1, max(math.ceil(rows / per_micro_batch) for rows in rows_per_rank))
+    num_micro_batches = batching.num_micro_batches(max(rows_per_rank))
 
     samples = [dataset[i] for i in mine]
     if not samples:
@@ -116,10 +123,7 @@ def rank_micro_batches(dataset, indices: Sequence[int], batching: Batching, devi
         assert len(rows["tokens"]) == rows_per_rank[data_rank], "pack() did not reproduce the planned rows"
     else:
         rows = collate(samples, batching.seq_length, batching.pad_id)
-    missing = num_micro_batches * per_micro_batch - len(rows["tokens"])
-    if missing:
-        rows = _with_padding_rows(rows, missing, batching)
-    return _micro_batches(rows, per_micro_batch, batching, device)
+    return _micro_batches(rows, num_micro_batches * batching.micro_batch_size, batching, device)
 
 
 def _with_padding_rows(rows: dict, count: int, batching: Batching) -> dict:
@@ -127,14 +131,13 @@ def _with_padding_rows(rows: dict, count: int, batching: Batching) -> dict:
     return {key: torch.cat([rows[key], padding[key].to(rows[key].device)]) for key in padding}
 
 
-def _micro_batches(rows: dict, per_micro_batch: int, batching: Batching, device) -> List[dict]:
-    """Split `rows` into micro-batches of `per_micro_batch` rows (padding the last), on `device`."""
-    missing = -len(rows["tokens"]) % per_micro_batch
-    if missing:
-        rows = _with_padding_rows(rows, missing, batching)
+def _micro_batches(rows: dict, total_rows: int, batching: Batching, device) -> List[dict]:
+    """`rows` completed with padding rows to `total_rows`, in micro-batches of the batching's size, on `device`."""
+    if total_rows > len(rows["tokens"]):
+        rows = _with_padding_rows(rows, total_rows - len(rows["tokens"]), batching)
     micro_batches = []
-    for start in range(0, len(rows["tokens"]), per_micro_batch):
-        micro_batch = {key: value[start:start + per_micro_batch].to(device) for key, value in rows.items()}
+    for start in range(0, total_rows, batching.micro_batch_size):
+        micro_batch = {key: value[start:start + batching.micro_batch_size].to(device) for key, value in rows.items()}
         if batching.pack:
             boundaries = sample_boundaries(micro_batch["segment_ids"].cpu())
             micro_batch["cu_seqlens"] = torch.tensor(boundaries, dtype=torch.int32, device=device)
@@ -144,8 +147,10 @@ def _micro_batches(rows: dict, per_micro_batch: int, batching: Batching, device)
 
 
 def regroup(micro_batches: List[dict], rows_per_micro_batch: int, batching: Batching) -> List[dict]:
-    """The same rows in micro-batches of `rows_per_micro_batch` (the last one completed with padding rows),
-    e.g. for a forward-only pass that fits more rows than training does."""
+    """The same rows in micro-batches of `rows_per_micro_batch` (the last completed with padding rows), e.g.
+    for a forward-only pass that fits more rows than training does."""
     keys = ("tokens", "labels", "loss_mask", "position_ids", "segment_ids")
     rows = {key: torch.cat([micro_batch[key] for micro_batch in micro_batches]) for key in keys}
-    return _micro_batches(rows, rows_per_micro_batch, batching, micro_batches[0]["tokens"].device)
+    batching = dataclasses.replace(batching, micro_batch_size=rows_per_micro_batch)
+    total_rows = batching.num_micro_batches(len(rows["tokens"])) * rows_per_micro_batch
+    return _micro_batches(rows, total_rows, batching, micro_batches[0]["tokens"].device)

@@ -377,7 +377,8 @@ class Trainer:
         self.dataset = SFTDataset(args.data_prefix, vocab_size=self.model_args.vocab_size)
         check_data(self.dataset.meta, self.model_args, args)
         self.batching = Batching(args.seq_length, args.micro_batch_size, self.dataset.meta["pad_id"],
-                                 pack=args.pack_sequences)
+                                 pack=args.pack_sequences,
+                                 micro_batch_multiple=self.layout.pipeline if self.layout.virtual_pipeline else 1)
         self.objective = ObjectiveConfig(args.objective, args.eps_low, args.eps_high, args.kl_coef, args.entropy_top_fraction)
         chunks = build_model_chunks(self.model_args, self.transformer_config)
         if run.weights_from:

@@ -107,6 +107,15 @@ def test_every_rank_gets_the_same_number_of_micro_batches_and_all_samples_once(p
     assert every_pair == _trained_positions(padded)
 
 
+def test_micro_batch_count_is_a_multiple_for_the_interleaved_schedule():
+    dataset = Samples([10] * 6)
+    batching = Batching(seq_length=20, micro_batch_size=1, pad_id=PAD, pack=True, micro_batch_multiple=4)
+    micro_batches = rank_micro_batches(dataset, list(range(6)), batching, data_rank=0, data_size=1)
+    assert len(micro_batches) == 4  # 3 packed rows, topped up with a padding row
+    assert (micro_batches[-1]["segment_ids"] == -1).all() and (micro_batches[-1]["loss_mask"] == 0).all()
+    assert len(regroup(micro_batches, 3, batching)) == 4  # 2 micro-batches of 3 rows, topped up to 4
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_regroup_keeps_the_rows_in_order_and_pads_the_last_micro_batch(packed):
     dataset = Samples(list(np.random.default_rng(5).integers(2, 20, size=10)))

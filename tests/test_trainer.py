@@ -22,7 +22,7 @@ LAYOUTS = {
     "pp2_vpp2_dp2": ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"],
 }
 RESUME_LAYOUT = LAYOUTS["tp2_ep2_sp_dp2"]
-PACKED_LAYOUTS = ("tp1_dp4", "tp2_ep2_sp_dp2", "pp2_dp2")
+PACKED_LAYOUTS = ("tp1_dp4", "tp2_ep2_sp_dp2", "pp2_dp2", "pp2_vpp2_dp2")
 NO_REUSE_LAYOUTS = ("tp1_dp4", "tp2_ep2_sp_dp2", "pp2_vpp2_dp2")
 # Settings a resume must keep (train.RESUME_INVARIANTS): a changed one is refused, naming it.
 CHANGED_ON_RESUME = {"seed": ["--seed", "99"], "old_policy_interval": ["--old-policy-interval", "4"]}
