@@ -21,6 +21,7 @@ from megatron_psft import checkpoint, parallel, routing
 from megatron_psft import platform as platforms
 from megatron_psft.batching import Batching, rank_micro_batches, regroup
 from megatron_psft.data import SFTDataset, check_tokenizer, global_batch_indices
+from megatron_psft.evaluation import EvalSettings, evaluate, parse_eval_data_prefix
 from megatron_psft.logger import MetricsLogger, drop_steps_after
 from megatron_psft.memory import memory_record
 from megatron_psft.metrics import model_flops_per_token, moe_load_balance
@@ -113,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seq-length", type=int, default=4096)
     data.add_argument("--micro-batch-size", type=int, default=1)
     data.add_argument("--global-batch-size", type=int, default=32, help="sequences per optimizer step (the paper's mini-batch)")
+    data.add_argument("--eval-data-prefix", nargs="+", default=[], metavar="NAME=PREFIX",
+                      help="held-out sets to evaluate (token-mean NLL and entropy over response tokens), each a name "
+                           "and a tools/preprocess_data.py output prefix")
+    data.add_argument("--eval-interval", type=int, default=None,
+                      help="evaluate every N steps (always at step 0 of a fresh run and at the last step)")
+    data.add_argument("--eval-iters", type=int, default=None,
+                      help="global batches of each eval set to evaluate (default: the whole set)")
     data.add_argument("--pack-sequences", action="store_true",
                       help="pack whole samples into each --seq-length row (attention and positions stay within a "
                            "sample); a micro-batch is --micro-batch-size rows, the global batch still "
@@ -232,6 +240,11 @@ def _check_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("--sft-warmup-steps must be smaller than --train-iters")
     if args.moe_router_replay and (args.recompute_granularity == "full" or "moe" in (args.recompute_modules or [])):
         parser.error("--moe-router-replay cannot recompute the router (full or 'moe' recompute): it would re-route")
+    for name in ("eval_interval", "eval_iters"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    if (args.eval_interval or args.eval_iters) and not args.eval_data_prefix:
+        parser.error("--eval-interval / --eval-iters need --eval-data-prefix")
     if args.old_policy_micro_batch_size is not None and args.old_policy_micro_batch_size < 1:
         parser.error(f"--old-policy-micro-batch-size must be at least 1, got {args.old_policy_micro_batch_size}")
     if (args.moe_router_replay or args.moe_routing_flip_stats) and args.old_policy_micro_batch_size not in (
@@ -246,6 +259,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_flags(parser, args)
+    try:
+        args.eval_sets = parse_eval_data_prefix(args.eval_data_prefix)
+    except ValueError as error:
+        parser.error(str(error))
     args.old_policy_interval = None if args.old_policy_interval == "never" else int(args.old_policy_interval)
     if args.fp8_format and args.fp8_recipe is None:
         args.fp8_recipe = "tensorwise"
@@ -344,13 +361,14 @@ def resolve_run(args: argparse.Namespace, platform: Optional[platforms.Platform]
     return ResolvedRun(hf_config, model_args, layout, sizes, config, resume_from, weights_from)
 
 
-def check_data(meta: dict, model_args: Qwen3MoeArgs, args: argparse.Namespace) -> None:
-    """The preprocessed data fits the model and the flags."""
+def check_data(meta: dict, model_args: Qwen3MoeArgs, args: argparse.Namespace, prefix: Optional[str] = None) -> None:
+    """The preprocessed data at `prefix` (default: --data-prefix) fits the model and the flags."""
+    prefix = prefix or args.data_prefix
     if meta["vocab_size"] > model_args.vocab_size:
-        raise ValueError(f"the data's tokenizer ({args.data_prefix}) has {meta['vocab_size']} ids, the model only "
+        raise ValueError(f"the data's tokenizer ({prefix}) has {meta['vocab_size']} ids, the model only "
                          f"{model_args.vocab_size}")
     if meta["seq_length"] > args.seq_length:
-        raise ValueError(f"{args.data_prefix} was preprocessed for --seq-length {meta['seq_length']} > {args.seq_length}")
+        raise ValueError(f"{prefix} was preprocessed for --seq-length {meta['seq_length']} > {args.seq_length}")
     tokenizer = args.tokenizer
     if tokenizer is None and os.path.isdir(args.hf_config) and any(
             os.path.exists(os.path.join(args.hf_config, name)) for name in ("tokenizer.json", "tokenizer_config.json")):
@@ -376,6 +394,10 @@ class Trainer:
             parallel.print_rank_last(f"starting from the weights of {args.load} at step 0: {why}")
         self.dataset = SFTDataset(args.data_prefix, vocab_size=self.model_args.vocab_size)
         check_data(self.dataset.meta, self.model_args, args)
+        self.eval_sets = {name: SFTDataset(prefix, vocab_size=self.model_args.vocab_size)
+                          for name, prefix in args.eval_sets.items()}
+        for name, dataset in self.eval_sets.items():
+            check_data(dataset.meta, self.model_args, args, prefix=args.eval_sets[name])
         self.batching = Batching(args.seq_length, args.micro_batch_size, self.dataset.meta["pad_id"],
                                  pack=args.pack_sequences,
                                  micro_batch_multiple=self.layout.pipeline if self.layout.virtual_pipeline else 1)
@@ -550,6 +572,14 @@ class Trainer:
         }) + "\n")
         self.clipped_tokens_file.flush()
 
+    def run_evaluation(self) -> None:
+        """Each --eval-data-prefix set at the current weights; forward-only, so training is unchanged."""
+        if not self.eval_sets:
+            return
+        start = time.perf_counter()
+        results = evaluate(self.model, self.eval_sets, EvalSettings.from_args(self.args), self.model_args.vocab_size)
+        self.logger.log_eval(self.step, results, time.perf_counter() - start)
+
     # --- checkpoints --------------------------------------------------------------------------------
     def save(self) -> str:
         from megatron.core import tensor_parallel
@@ -601,12 +631,17 @@ class Trainer:
         saved_step = self.step if self.resumed else None  # a checkpoint of this step exists already
         exit_conditions = ExitConditions(args.exit_signal_handler, args.exit_duration_in_mins)
         profiler = Profiler(args) if args.profile else None
+        if self.step == 0 and not self.resumed:
+            self.run_evaluation()
         while self.step < args.train_iters:
             if profiler:
                 profiler.before_step(self.step + 1)
             self.train_one_step()
             if profiler:
                 profiler.after_step(self.step)
+            # Before any save, so a run resumed from this step has its evaluation already, as an uninterrupted run.
+            if self.step == args.train_iters or (args.eval_interval and self.step % args.eval_interval == 0):
+                self.run_evaluation()
             if args.exit_interval and self.step % args.exit_interval == 0:
                 break
             if args.save and args.save_interval and self.step % args.save_interval == 0:

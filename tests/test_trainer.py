@@ -28,9 +28,23 @@ NO_REUSE_LAYOUTS = ("tp1_dp4", "tp2_ep2_sp_dp2", "pp2_vpp2_dp2")
 CHANGED_ON_RESUME = {"seed": ["--seed", "99"], "old_policy_interval": ["--old-policy-interval", "4"]}
 
 
-def _metrics(path):
+def _lines(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
+
+
+def _is_eval(record):
+    return any(key.startswith("eval/") for key in record)
+
+
+def _metrics(path):
+    """The training records of a metrics file."""
+    return [record for record in _lines(path) if not _is_eval(record)]
+
+
+def _evals(path):
+    """The evaluation records of a metrics file."""
+    return [record for record in _lines(path) if _is_eval(record)]
 
 
 def _paired(got, want, steps=None):
@@ -91,16 +105,17 @@ def _scenarios(tmp, data_prefix):
                                         "--metrics-file", os.path.join(tmp, f"no_reuse_{name}.jsonl")])
         parallel.destroy()
 
-    # Packed: the same samples per step, several to a row, at three layouts; and resumed mid-round.
+    # Packed: the same samples per step, several to a row, at four layouts; and resumed mid-round. Each
+    # evaluates a held-out set (here the training data's first batch) at steps 0, 2, 4 and 6.
+    packed = start + ["--train-iters", "6", "--old-policy-interval", "4", "--pack-sequences",
+                      "--eval-data-prefix", f"held={data_prefix}", "--eval-iters", "1", "--eval-interval", "2"]
     for name in PACKED_LAYOUTS:
-        _train(start + LAYOUTS[name] + ["--train-iters", "6", "--old-policy-interval", "4", "--pack-sequences",
-                                        "--metrics-file", os.path.join(tmp, f"packed_{name}.jsonl")])
+        _train(packed + LAYOUTS[name] + ["--metrics-file", os.path.join(tmp, f"packed_{name}.jsonl")])
         parallel.destroy()
     packed_ckpt = os.path.join(tmp, "packed_ckpt")
     for part, extra in (("part1", ["--exit-interval", "3"]), ("part2", ["--load", packed_ckpt])):
-        _train(start + RESUME_LAYOUT + ["--train-iters", "6", "--old-policy-interval", "4", "--pack-sequences",
-                                        "--save", packed_ckpt, *extra,
-                                        "--metrics-file", os.path.join(tmp, f"packed_{part}.jsonl")])
+        _train(packed + RESUME_LAYOUT + ["--save", packed_ckpt, *extra,
+                                         "--metrics-file", os.path.join(tmp, f"packed_{part}.jsonl")])
         parallel.destroy()
 
     resume = start + RESUME_LAYOUT + ["--train-iters", "8", "--old-policy-interval", "3"]
@@ -199,6 +214,19 @@ def test_packed_resume_mid_round_equals_uninterrupted(run):
         for key in ("loss", "grad_norm", "ratio_mean", "clip_fraction", "entropy"):
             assert got[key] == pytest.approx(want[key], rel=0, abs=1e-6), (key, got["step"], got[key], want[key])
     assert resumed[3]["old_policy_s"] == 0.0 and resumed[3]["ratio_min"] != 1.0  # step 4: old log-probs from the checkpoint
+    evals = _evals(os.path.join(tmp, "packed_part1.jsonl")) + _evals(os.path.join(tmp, "packed_part2.jsonl"))
+    for got, want in zip(evals, _evals(os.path.join(tmp, "packed_tp2_ep2_sp_dp2.jsonl")), strict=True):
+        assert got == pytest.approx(want, rel=0, abs=1e-9)
+
+
+def test_evaluation_at_step_zero_every_interval_and_the_end_agrees_across_layouts(run):
+    tmp, _ = run
+    reference = _evals(os.path.join(tmp, "packed_tp1_dp4.jsonl"))
+    assert [record["step"] for record in reference] == [0, 2, 4, 6]
+    assert reference[0]["eval/held/tokens"] > 0 and reference[-1]["eval/held/nll"] < reference[0]["eval/held/nll"]
+    for name in PACKED_LAYOUTS:
+        for got, want in zip(_evals(os.path.join(tmp, f"packed_{name}.jsonl")), reference, strict=True):
+            assert got == pytest.approx(want, rel=1e-5), name
 
 
 def test_first_step_of_each_round_has_ratio_exactly_one(run):
