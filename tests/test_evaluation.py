@@ -183,12 +183,42 @@ def _train_two_steps(paths, with_eval):
     return dict(steps=steps, weights=weights, evaluations=evaluations, untouched=untouched)
 
 
-def _all(paths):
+def trainer_has_eval_flags():
+    from megatron_psft.train import build_parser
+
+    return "--eval-data-prefix" in build_parser().format_help()
+
+
+def _trainer_runs(paths, root):
+    """The trainer with its eval flags (PP2 x DP2, PSFT in rounds of 2): with evaluation every 2 of 5
+    steps; the same stopped after step 2 (--exit-interval) and resumed, into one metrics file; and
+    without evaluation."""
+    from megatron_psft import parallel
+    from megatron_psft.train import Trainer, parse_args
+
+    common = ["--pretrained-checkpoint", paths["megatron"], "--data-prefix", paths["sets"]["chat"],
+              "--seq-length", str(SEQ), "--global-batch-size", str(GLOBAL_BATCH), "--micro-batch-size", "1",
+              "--train-iters", "5", "--old-policy-interval", "2", "--lr", "1e-3", "--lr-warmup-iters", "0",
+              "--pipeline-model-parallel-size", "2"]
+    evaluation = ["--eval-data-prefix", f"code={paths['sets']['code']}", f"untrained={paths['sets']['untrained']}",
+                  "--eval-interval", "2"]
+    runs = {"straight": evaluation + ["--metrics-file", f"{root}/straight.jsonl"],
+            "stopped": evaluation + ["--save", f"{root}/resumed", "--exit-interval", "2"],
+            "resumed": evaluation + ["--save", f"{root}/resumed", "--load", f"{root}/resumed"],
+            "without": ["--metrics-file", f"{root}/without.jsonl"]}
+    for argv in runs.values():
+        Trainer(parse_args(common + argv)).run()
+        parallel.destroy()
+
+
+def _all(paths, root):
     results = {name: _evaluate_layout(name, paths) for name in LAYOUTS}
     without, with_eval = _train_two_steps(paths, False), _train_two_steps(paths, True)
     results["training"] = dict(without=without["steps"], with_eval=with_eval["steps"],
                                same_weights=_same(without["weights"], with_eval["weights"]),
                                evaluations=with_eval["evaluations"], untouched=with_eval["untouched"])
+    if trainer_has_eval_flags():
+        _trainer_runs(paths, root)
     dist.barrier()
     return results
 
@@ -211,8 +241,8 @@ def work(tmp_path_factory):
     model = oracle.load_float64(paths["hf"])
     want = {name: expected(model, samples[name]) for name in SETS}
     want_first = expected(model, samples["chat"], EVAL_ITERS)
-    per_rank = run_distributed(4, _all, paths)
-    return dict(want=want, want_first=want_first, per_rank=per_rank, samples=samples)
+    per_rank = run_distributed(4, _all, paths, str(root))
+    return dict(want=want, want_first=want_first, per_rank=per_rank, samples=samples, root=root)
 
 
 def _close(got, want):
@@ -270,6 +300,33 @@ def test_evaluation_changes_nothing_in_training(work):
     # The evaluation before the second step saw the weights the first one trained.
     before, after = (evaluation["chat"]["nll"] for evaluation in training["evaluations"])
     assert before == pytest.approx(work["want"]["chat"]["nll"], rel=RTOL) and after != pytest.approx(before, rel=1e-4)
+
+
+def _records(path):
+    with open(path) as f:
+        lines = [json.loads(line) for line in f]
+    return [r for r in lines if "loss" in r], [r for r in lines if "eval/code/nll" in r]
+
+
+@pytest.mark.skipif(not trainer_has_eval_flags(), reason="waits for train.py's --eval-data-prefix / --eval-interval")
+def test_trainer_evaluates_at_0_every_interval_and_the_end_and_resumes_exactly(work):
+    """The trainer's wiring: evaluation at step 0, every --eval-interval steps and after the last
+    step; a run stopped at an evaluated step and resumed logs the same lines as the straight run,
+    which trains exactly as the run without evaluation."""
+    root = work["root"]
+    steps, evals = _records(root / "straight.jsonl")
+    assert [r["step"] for r in evals] == [0, 2, 4, 5]
+    assert evals[0]["eval/code/nll"] == pytest.approx(work["want"]["code"]["nll"], rel=RTOL)
+    assert evals[0]["eval/code/tokens"] == work["want"]["code"]["tokens"] and evals[0]["eval/untrained/tokens"] == 0
+    assert evals[-1]["eval/code/nll"] != pytest.approx(evals[0]["eval/code/nll"], rel=1e-4)
+    resumed_steps, resumed_evals = _records(root / "resumed" / "metrics.jsonl")
+    assert resumed_evals == evals
+    without, no_evals = _records(root / "without.jsonl")
+    assert no_evals == []
+    for straight, resumed, plain in zip(steps, resumed_steps, without, strict=True):
+        for key in ("loss", "grad_norm", "entropy", "clip_fraction"):
+            assert straight[key] == plain[key], (key, straight["step"])
+            assert resumed[key] == pytest.approx(straight[key], rel=0, abs=1e-6), (key, straight["step"])
 
 
 # --- flags, batches and the logger (no launch) -------------------------------------------------------
