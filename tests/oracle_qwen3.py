@@ -167,6 +167,9 @@ def top_entropy_selection(entropy, mask, micro_batches: Sequence[range], top_fra
     return selected, gap
 
 
+IW_WEIGHT_MIN, IW_WEIGHT_MAX = 0.2, 1.8  # iw-SFT's weight clipping (PSFT paper, appendix C.4)
+
+
 def token_loss(name, logp, old=None, reference=None, eps_low=0.2, eps_high=0.28, kl_coef=0.5):
     """Per-token loss of each objective (A = 1 for PSFT)."""
     if name in ("psft", "psft-ent"):
@@ -179,6 +182,9 @@ def token_loss(name, logp, old=None, reference=None, eps_low=0.2, eps_high=0.28,
         return -logp + kl_coef * (delta.exp() - delta - 1)
     if name == "dft":
         return -logp.detach().exp() * logp
+    if name == "iw-sft":  # Qin & Springenberg's per-token weight p / p_ref, a constant of the gradient
+        weight = torch.exp((logp.detach() - reference).clamp(-20, 20)).clamp(IW_WEIGHT_MIN, IW_WEIGHT_MAX)
+        return -weight * logp
     raise ValueError(name)
 
 
@@ -221,5 +227,11 @@ def step(model, batch, name: str, old: Optional[torch.Tensor] = None, reference:
                       below_lower_clip=float((ratio < 0.8).double().mean()),
                       ratio_min=float(ratio.min()), ratio_max=float(ratio.max()))
         margins["upper_clip"] = float((ratio - (1 + eps_high)).abs().min())
+    if name == "iw-sft":
+        ratio = torch.exp(logp.detach() - reference)[response]
+        result.update(clip_fraction=float(((ratio < IW_WEIGHT_MIN) | (ratio > IW_WEIGHT_MAX)).double().mean()),
+                      above_upper_clip=float((ratio > IW_WEIGHT_MAX).double().mean()),
+                      ratio_min=float(ratio.min()), ratio_max=float(ratio.max()))
+        margins["weight_clip"] = float(torch.minimum((ratio - IW_WEIGHT_MIN).abs(), (ratio - IW_WEIGHT_MAX).abs()).min())
     result["grad_norm"] = float(torch.sqrt(sum((g * g).sum() for g in result["grads"].values())))
     return result

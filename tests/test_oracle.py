@@ -10,7 +10,7 @@ to Megatron as fp32, the precision the trainer keeps them in.
 
 One 4-rank launch runs PSFT at TP1/DP4, TP2+SP, TP2xEP2+SP, PP2 (4 micro-batches), TP2xEP4/ETP1 and
 PP2xVPP2 (4 micro-batches: the interleaved steady state), and the baselines (sft, sft-kl, dft,
-psft-ent, whose per-micro-batch selection the oracle reproduces) at TP1/DP4 and TP2xEP4/ETP1. Each step goes through
+psft-ent, whose per-micro-batch selection the oracle reproduces, iw-sft) at TP1/DP4 and TP2xEP4/ETP1. Each step goes through
 `train_step` (lr 0, so every objective sees the same weights); just before the optimizer step the
 DDP gradient buffers (already reduced, reduce-scattered by the distributed optimizer, and divided by
 the global token count) are gathered over their data-parallel groups, written into the weights and
@@ -31,7 +31,7 @@ SEQ, GLOBAL_BATCH = 16, 8
 PROMPT_LENGTHS = [2, 3, 1, 4, 14, 15, 12, 13]  # long responses first, short ones last: DP ranks differ
 EMPTY_SAMPLE = 5  # a sample without a single response token
 OLD_SEED, REFERENCE_SEED, PERTURBATION = 1, 2, 0.1
-BASELINES = ("sft", "sft-kl", "dft", "psft-ent")
+BASELINES = ("sft", "sft-kl", "dft", "psft-ent", "iw-sft")
 LAYOUTS = {
     # name: (layout kwargs, micro-batch size, objectives)
     "tp1_dp4": (dict(), 1, ("psft",) + BASELINES),
@@ -57,8 +57,10 @@ def global_batch():
     for i, start in enumerate(PROMPT_LENGTHS):
         loss_mask[i, start:] = 1
     loss_mask[EMPTY_SAMPLE] = 0
+    # One unpadded sample per row, its id the row's (distinct within any micro-batch), as data.collate gives.
     return dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=loss_mask,
-                position_ids=torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).contiguous())
+                position_ids=torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).contiguous(),
+                segment_ids=torch.arange(GLOBAL_BATCH)[:, None].expand(GLOBAL_BATCH, SEQ).contiguous())
 
 
 def micro_batch_rows(micro_batch_size):
@@ -146,7 +148,7 @@ def _run_layout(name, paths, old, reference):
     results = {}
     for iteration, objective in enumerate(objectives):
         extra = {"old_logprobs": old} if ObjectiveConfig(objective).needs_old_logprobs else {}
-        if objective == "sft-kl":
+        if ObjectiveConfig(objective).needs_reference_logprobs:
             extra = {"reference_logprobs": reference}
         grads.clear()
         result = train_step(chunks, optimizer, scheduler, _micro_batches(batch, extra, rows, micro_batch_size),
@@ -225,6 +227,10 @@ def test_the_case_is_informative_and_free_of_near_ties(work):
     psft = work["expected"]["tp1_dp4"]["psft"]
     print({k: v for k, v in psft.items() if k != "grads"})
     assert 0.1 < psft["clip_fraction"] < 0.5 and psft["below_lower_clip"] > 0.1, psft
+    iw_sft = work["expected"]["tp1_dp4"]["iw-sft"]
+    print({k: v for k, v in iw_sft.items() if k != "grads"})
+    # Tokens above iw-SFT's upper weight clip (the reference puts none below 0.2: test_objectives has that bound).
+    assert 0 < iw_sft["above_upper_clip"] == iw_sft["clip_fraction"] < 0.5, iw_sft
     for name, expected in work["expected"].items():
         for objective, want in expected.items():
             for what, margin in want["margins"].items():
@@ -258,7 +264,7 @@ def test_loss_is_the_float64_global_token_mean(work, name, objective):
     logprob = want["logprob_trained" if objective == "psft-ent" else "logprob"]
     assert _relative(metrics["logprob"], logprob) < LOSS_RTOL, (metrics["logprob"], logprob)
     assert _relative(metrics["entropy"], want["entropy"]) < LOSS_RTOL, (metrics["entropy"], want["entropy"])
-    if objective == "psft":
+    if objective in ("psft", "iw-sft"):
         assert metrics["clip_fraction"] == pytest.approx(want["clip_fraction"], rel=1e-6)  # an fp32 division
         assert metrics["ratio_max"] == pytest.approx(want["ratio_max"], rel=1e-5)
         assert metrics["ratio_min"] == pytest.approx(want["ratio_min"], rel=1e-5)
