@@ -104,10 +104,11 @@ def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, voc
         logits = _model_forward(model, micro_batch)
         return logits, lambda output: loss_func(micro_batch["labels"], micro_batch["loss_mask"], output)
 
-    batching = Batching(settings.seq_length, settings.micro_batch_size, dataset.meta["pad_id"], settings.pack)
+    batching = Batching(settings.seq_length, settings.micro_batch_size, dataset.meta["pad_id"], settings.pack,
+                        micro_batch_multiple=_micro_batch_multiple(model_chunks))
     totals = {"nll_total": 0.0, "entropy_total": 0.0, "tokens_total": 0.0}
     for indices in eval_batches(len(dataset), settings.global_batch_size, settings.eval_iters):
-        micro_batches = _whole_groups(model_chunks, rank_micro_batches(dataset, indices, batching, parallel.device()))
+        micro_batches = rank_micro_batches(dataset, indices, batching, parallel.device())
         with torch.no_grad():
             per_microbatch = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
         batch = _reduce_over_stages(per_microbatch)
@@ -119,14 +120,12 @@ def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, voc
     return EvalResult(totals["nll_total"] / tokens, totals["entropy_total"] / tokens, tokens)
 
 
-def _whole_groups(model_chunks, micro_batches: List[dict]) -> List[dict]:
-    """The interleaved (VPP) schedule runs micro-batches in groups of ``microbatch_group_size_per_vp_stage``
-    (default: PP) and refuses a partial last group: a short last batch is topped up with copies of its
-    last micro-batch whose loss mask is cleared (every rank tops up alike: they hold as many)."""
+def _micro_batch_multiple(model_chunks) -> int:
+    """The interleaved (VPP) schedule, which several chunks per rank mean, runs micro-batches in groups of
+    ``microbatch_group_size_per_vp_stage`` (default: PP) and refuses a partial one, as a short last
+    batch would make."""
     if len(model_chunks) == 1:
-        return micro_batches
+        return 1
     from megatron.core.utils import get_model_config
 
-    group = get_model_config(model_chunks[0]).microbatch_group_size_per_vp_stage
-    padding = dict(micro_batches[-1], loss_mask=torch.zeros_like(micro_batches[-1]["loss_mask"]))
-    return micro_batches + [padding] * (-len(micro_batches) % group)
+    return get_model_config(model_chunks[0]).microbatch_group_size_per_vp_stage
