@@ -20,11 +20,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Wider than the test model so matmuls, not Python, dominate a CPU step.
 WIDE_CONFIG = {"hidden_size": 256, "head_dim": 64, "moe_intermediate_size": 256, "intermediate_size": 512}
-VARIANTS = {
-    "sft": ["--objective", "sft"],
-    "psft_reuse": ["--objective", "psft"],
-    "psft_no_reuse": ["--objective", "psft", "--no-first-step-reuse"],
-}
+
+
+def variants(micro_batch_size: int) -> dict:
+    return {
+        "sft": ["--objective", "sft"],
+        "psft_reuse": ["--objective", "psft"],
+        "psft_no_reuse": ["--objective", "psft", "--no-first-step-reuse"],
+        # The forward-only pass in micro-batches of 4x the training ones (--old-policy-micro-batch-size).
+        "psft_reuse_old_mbs_x4": ["--objective", "psft", "--old-policy-micro-batch-size", str(4 * micro_batch_size)],
+    }
 
 
 def _timed_steps(argv, steps, warmup_steps):
@@ -70,10 +75,14 @@ def _bench(args, train_flags, work):
             "--global-batch-size", str(args.global_batch_size), "--micro-batch-size", str(args.micro_batch_size),
             "--old-policy-interval", str(args.interval), "--lr", "1e-5", "--lr-warmup-iters", "0"] + train_flags
     steps = args.interval * (args.rounds + 1)
-    results = {name: _timed_steps(base + flags, steps, args.interval) for name, flags in VARIANTS.items()}
+    results = {name: _timed_steps(base + flags, steps, args.interval)
+               for name, flags in variants(args.micro_batch_size).items()}
 
     sft = statistics.mean(results["sft"])
-    print(f"K = {args.interval}, {args.rounds} timed rounds of {args.interval} steps, global batch "
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"{device}: K = {args.interval}, {args.rounds} timed rounds of {args.interval} steps, global batch "
           f"{args.global_batch_size} x seq {args.seq_length}, hidden {WIDE_CONFIG['hidden_size']}")
     print(f"{'variant':<16}{'mean step s':>13}{'/ sft':>8}")
     for name, times in results.items():

@@ -102,7 +102,8 @@ class Platform:
         finally:
             utils._te_version = saved
 
-    def check(self, *, moe: bool, fp8: Optional[str], moe_grouped_gemm: Optional[bool]) -> None:
+    def check(self, *, moe: bool, fp8: Optional[str], moe_grouped_gemm: Optional[bool],
+              recompute_modules: Optional[list] = None) -> None:
         """Refuse combinations this platform cannot run, naming the flag and the fix."""
         if fp8 and not self.use_transformer_engine:
             raise ValueError(f"--fp8-format {fp8} needs Transformer Engine on a GPU; this platform has "
@@ -119,6 +120,11 @@ class Platform:
             raise ValueError(f"megatron-core {self.megatron_core}'s MoE router needs Transformer Engine on a GPU "
                              "(it calls te_general_gemm, defined only when TE imports): install "
                              f"transformer-engine[pytorch]>={MIN_TRANSFORMER_ENGINE}, or megatron-core 0.19.2")
+        if "layernorm" in (recompute_modules or []) and not self.use_transformer_engine:
+            # megatron-core's CheckpointWithoutOutput sets fp8 = (fp8 is not None), always true, and then
+            # reaches TE's FP8GlobalStateManager: a NameError in the first backward without TE.
+            raise ValueError(f"--recompute-modules layernorm needs Transformer Engine (megatron-core's norm "
+                             f"recompute calls into TE); this platform has {self.describe()}. Leave 'layernorm' out")
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,6 +35,8 @@ def test_gpu_without_te_uses_no_fused_kernel_it_lacks():
 def test_fused_softmax_is_used_where_its_extension_exists():
     platform = Platform(cuda=True, transformer_engine=None, megatron_core="0.19.2", fused_softmax=True, assumed=True)
     assert transformer_config(_args(), ParallelLayout(), platform=platform).masked_softmax_fusion
+    # ... but not for packed rows: its causal kernel applies its own triangle and ignores the block-diagonal mask.
+    assert not transformer_config(_args(), ParallelLayout(), platform=platform, pack_sequences=True).masked_softmax_fusion
 
 
 def test_cpu_platform_initialises_on_cpu():
@@ -49,6 +51,8 @@ def test_cpu_platform_initialises_on_cpu():
     (GPU_NO_TE, dict(moe_grouped_gemm=True), "--moe-grouped-gemm needs Transformer Engine"),
     (Platform(cuda=True, transformer_engine="2.1.0", megatron_core="0.19.2"), {}, "older than the supported"),
     (Platform(cuda=True, transformer_engine=None, megatron_core="0.16.1"), {}, "te_general_gemm"),
+    (GPU_NO_TE, dict(recompute_granularity="selective", recompute_modules=["moe_act", "layernorm"]),
+     "--recompute-modules layernorm needs Transformer Engine"),
 ])
 def test_platform_refusals_name_the_fix(platform, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -251,6 +255,14 @@ def test_data_that_does_not_fit_is_refused(meta, message):
     (["--override-opt-param-scheduler", "--use-checkpoint-opt-param-scheduler"], "exclude each other"),
     (["--finetune"], "need --load"),
     (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins must be positive"),
+    (["--recompute-granularity", "selective", "--recompute-modules", "layernorm"],
+     "--recompute-modules layernorm needs Transformer Engine"),
+    (["--eval-interval", "5"], "--eval-interval / --eval-iters need --eval-data-prefix"),
+    (["--eval-data-prefix", "x", "--eval-interval", "5"], "expected NAME=PREFIX"),
+    (["--eval-data-prefix", "a=x", "a=y"], "names the set 'a' twice"),
+    (["--eval-data-prefix", "a=x", "--eval-iters", "0"], "--eval-iters must be at least 1"),
+    (["--old-policy-micro-batch-size", "0"], "--old-policy-micro-batch-size must be at least 1"),
+    (["--old-policy-micro-batch-size", "4", "--moe-router-replay"], "--old-policy-micro-batch-size must equal"),
 ])
 def test_flags_that_would_be_dropped_or_are_out_of_range_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):

@@ -93,6 +93,23 @@ def test_bf16_psft_saves_and_resumes_like_an_uninterrupted_run(tmp_path, data_pr
     assert open(os.path.join(checkpoint, "latest_checkpointed_iteration.txt")).read().strip() == "6"
 
 
+def test_bf16_packed_steps_match_padded_steps(tmp_path, data_prefix, model_flags):
+    """--pack-sequences on the GPU: THD attention with TE, the block-diagonal mask (unfused softmax) without;
+    the larger old-policy micro-batch and evaluation ride along."""
+    common = ["--data-prefix", data_prefix, "--train-iters", "4", "--old-policy-interval", "2",
+              "--eval-data-prefix", f"held={data_prefix}", "--eval-iters", "1", *model_flags]
+    _, padded = train(tmp_path, "padded", *common)
+    _, packed = train(tmp_path, "packed", *common, "--pack-sequences", "--old-policy-micro-batch-size", "8")
+    padded_steps = [r for r in padded if "loss" in r]
+    packed_steps = [r for r in packed if "loss" in r]
+    assert len(padded_steps) == len(packed_steps) == 4
+    for got, want in zip(packed_steps, padded_steps):
+        for key in ("loss", "grad_norm", "entropy"):
+            assert got[key] == pytest.approx(want[key], rel=2e-2), (key, got["step"])
+    evals = [r for r in packed if "eval/held/nll" in r]
+    assert [r["step"] for r in evals] == [0, 4] and all(torch.isfinite(torch.tensor(r["eval/held/nll"])) for r in evals)
+
+
 @pytest.mark.skipif(not _megatron_core_router_needs_te(), reason="this megatron-core routes without TE")
 def test_moe_on_megatron_core_0_16_without_te_is_refused_up_front(tmp_path, data_prefix):
     result, records = train(tmp_path, "refused", "--data-prefix", data_prefix, "--train-iters", "2",
@@ -122,6 +139,9 @@ TE_VARIANTS = {
 def test_te_spec_with_grouped_gemm(tmp_path, data_prefix, variant):
     _, records = train(tmp_path, variant, "--data-prefix", data_prefix, "--train-iters", "4",
                        "--old-policy-interval", "4", "--moe-grouped-gemm", *TE_VARIANTS[variant])
+    _, packed = train(tmp_path, f"{variant}_packed", "--data-prefix", data_prefix, "--train-iters", "4",
+                      "--old-policy-interval", "4", "--moe-grouped-gemm", "--pack-sequences", *TE_VARIANTS[variant])
+    assert len(packed) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in packed)
     assert len(records) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[0]["ratio_min"] == 1.0 == records[0]["ratio_max"]  # the first step reuses its own log-probs
 

@@ -43,7 +43,8 @@ def transformer_config(
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     platform = platform or platforms.current()
-    platform.check(moe=args.is_moe, fp8=fp8, moe_grouped_gemm=moe_grouped_gemm)
+    platform.check(moe=args.is_moe, fp8=fp8, moe_grouped_gemm=moe_grouped_gemm,
+                   recompute_modules=recompute_modules if recompute_granularity == "selective" else None)
     te = platform.use_transformer_engine
     # Kernels that import only on the target machine are switched on when it is actually there.
     te_kernels = te and not platform.assumed
