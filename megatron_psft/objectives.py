@@ -221,18 +221,23 @@ def make_loss_func(
     reference_logprobs: Optional[torch.Tensor] = None,
     old_is_current: bool = False,
     token_histograms: bool = False,
+    logprobs_of: Optional[Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> Callable[[torch.Tensor], LossOutput]:
     """The ``loss_func`` a Megatron ``forward_step`` returns for one micro-batch.
 
-    It receives the last pipeline stage's output, the vocab-parallel logits ``[b, s, V/tp]``.
-    `old_is_current` marks the first step of an old-policy round: the weights still equal the old
+    It receives the last pipeline stage's output: by default the vocab-parallel logits ``[b, s, V/tp]``;
+    with `logprobs_of` whatever that function turns into ``(log-probs, entropy)`` of `labels` (e.g. the
+    final hidden states, for the fused output layer). `old_is_current` marks the first step of an old-policy round: the weights still equal the old
     policy's, so the training forward's own log-probs (detached) are the old ones, exactly.
     `token_histograms` adds per-vocab-id counts of clipped and of all response tokens (PSFT only),
     for the clipped-token report.
     """
 
-    def loss_func(logits: torch.Tensor) -> LossOutput:
-        logprobs, entropy = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size, with_entropy=True)
+    def loss_func(output: torch.Tensor) -> LossOutput:
+        if logprobs_of is None:
+            logprobs, entropy = vocab_parallel_logprobs(output, labels, vocab_size=vocab_size, with_entropy=True)
+        else:
+            logprobs, entropy = logprobs_of(output)
         old = logprobs.detach() if old_is_current else old_logprobs
         loss_sum, num_tokens, metrics = objective_loss(config, logprobs, loss_mask, entropy, old, reference_logprobs)
         if token_histograms and config.needs_old_logprobs:

@@ -5,6 +5,7 @@ the last stage) -> :func:`vocab_parallel_logprobs` -> objective -> Megatron's sc
 the micro-batches' losses and gradients and normalises by the global token count.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_psft import parallel, routing
 from megatron_psft import platform as platforms
+from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs, output_hidden_states, output_weight
 from megatron_psft.logprobs import vocab_parallel_logprobs
 from megatron_psft.metrics import reduce_metrics
 from megatron_psft.objectives import ObjectiveConfig, make_loss_func
@@ -66,20 +68,47 @@ def _model_forward(model, micro_batch):
         return model(tokens, position_ids, attention_mask=None, padding_mask=padding_mask)
     if _uses_thd(micro_batch):
         from megatron.core.packed_seq_params import PackedSeqParams
-        from megatron.core.utils import get_attr_wrapped_model
 
-        rows, seq_length = tokens.shape
         boundaries, longest = micro_batch["cu_seqlens"], micro_batch["max_seqlen"]
         packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=boundaries, cu_seqlens_kv=boundaries,
                                  max_seqlen_q=longest, max_seqlen_kv=longest)
-        output = model(tokens.view(1, -1), position_ids.view(1, -1), attention_mask=None, padding_mask=padding_mask,
-                       packed_seq_params=packed)
-        return output.view(rows, seq_length, -1) if get_attr_wrapped_model(model, "post_process") else output
+        return model(tokens.view(1, -1), position_ids.view(1, -1), attention_mask=None, padding_mask=padding_mask,
+                     packed_seq_params=packed)
     segments = micro_batch["segment_ids"]
     same_sample = segments[:, :, None] == segments[:, None, :]
     causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).tril()
     masked = ~(same_sample & causal)[:, None]  # [b, 1, s, s], True where attention is not allowed
     return model(tokens, position_ids, attention_mask=masked, padding_mask=padding_mask)
+
+
+def _forward(model, micro_batch, fused_logprobs: bool):
+    """The model's output for a micro-batch: on the last stage the vocab-parallel logits, or with
+    `fused_logprobs` the final hidden states (the output layer is applied inside the fused log-probs)."""
+    if not fused_logprobs:
+        return _model_forward(model, micro_batch)
+    with output_hidden_states(model):
+        return _model_forward(model, micro_batch)
+
+
+def _logprobs_of(model, micro_batch, vocab_size: int, fused_logprobs: bool, with_entropy: bool):
+    """The function from the last stage's output (:func:`_forward`) to the log-probs ``[b, s]`` of the
+    micro-batch's labels, and with `with_entropy` their entropy."""
+    labels = micro_batch["labels"]
+    # Under THD the stage's output is one sequence of the micro-batch's b * s tokens.
+    targets = labels.view(1, -1) if _uses_thd(micro_batch) else labels
+
+    def logprobs_of(output):
+        if fused_logprobs:
+            from megatron.core.utils import get_attr_wrapped_model
+
+            result = fused_vocab_parallel_logprobs(
+                output, output_weight(model), targets, vocab_size=vocab_size, with_entropy=with_entropy,
+                sequence_parallel=get_attr_wrapped_model(model, "config").sequence_parallel)
+        else:
+            result = vocab_parallel_logprobs(output, targets, vocab_size=vocab_size, with_entropy=with_entropy)
+        return tuple(t.view(labels.shape) for t in result) if with_entropy else result.view(labels.shape)
+
+    return logprobs_of
 
 
 def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
@@ -103,7 +132,7 @@ def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
 
 def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], objective: ObjectiveConfig,
                vocab_size: int, token_histograms: bool = False, replays=None, replay_routing: bool = False,
-               timers: Optional[Timers] = None) -> StepResult:
+               timers: Optional[Timers] = None, fused_logprobs: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches of one global batch, then one optimizer step.
 
     Each micro-batch dict holds ``tokens``, ``position_ids``, ``labels``, ``loss_mask`` and, as the
@@ -111,6 +140,7 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
     `replays` (the policy's routers, :func:`routing.routers`) and a micro-batch ``routing`` from the
     old-policy pass, the forward replays that routing if `replay_routing`, and either way counts the
     choices of it that the forward did not route to (``routing_flip_fraction``: 0 under replay).
+    `fused_logprobs` computes the log-probs from the final hidden states without materialising the logits.
     """
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
@@ -123,15 +153,16 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
         old_routing = micro_batch.get("routing") if replays else None
         if old_routing is not None and replay_routing:
             routing.replay(replays, old_routing)
-        logits = _model_forward(model, micro_batch)
+        output = _forward(model, micro_batch, fused_logprobs)
         if old_routing is not None:
             flips += routing.flipped_choices(replays, old_routing)
-        return logits, make_loss_func(
+        return output, make_loss_func(
             objective, micro_batch["labels"], micro_batch["loss_mask"], vocab_size,
             old_logprobs=micro_batch.get("old_logprobs"),
             reference_logprobs=micro_batch.get("reference_logprobs"),
             old_is_current=micro_batch.get("old_is_current", False),
             token_histograms=token_histograms,
+            logprobs_of=_logprobs_of(model, micro_batch, vocab_size, fused_logprobs, with_entropy=True),
         )
 
     timers = timers or Timers(0)
@@ -156,24 +187,26 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
     return StepResult(metrics, grad_norm, optimizer.param_groups[0]["lr"], num_tokens, flip_fraction)
 
 
-def forward_only_pass(model_chunks, micro_batches: List[dict], vocab_size: int, replays=None) -> List[dict]:
+def forward_only_pass(model_chunks, micro_batches: List[dict], vocab_size: int, replays=None,
+                      fused_logprobs: bool = False) -> List[dict]:
     """Per micro-batch: ``logprobs [b, s]`` of its labels (last stage only) and, with `replays`, the
     ``routing`` each of this rank's routers chose."""
     results = [{} for _ in micro_batches]
     position = iter(results)
 
-    def loss_func(labels, logits):
-        logprobs = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size)
+    def loss_func(logprobs_of, output):
+        logprobs = logprobs_of(output)
         return logprobs.sum(), torch.tensor(0, dtype=torch.int), {"logprobs": logprobs}
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
         if replays:
             routing.start_recording(replays)
-        logits = _model_forward(model, micro_batch)
+        output = _forward(model, micro_batch, fused_logprobs)
         if replays:
             next(position)["routing"] = routing.recorded(replays)
-        return logits, lambda output: loss_func(micro_batch["labels"], output)
+        return output, functools.partial(
+            loss_func, _logprobs_of(model, micro_batch, vocab_size, fused_logprobs, with_entropy=False))
 
     with torch.no_grad():
         outputs = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
@@ -185,9 +218,10 @@ def forward_only_pass(model_chunks, micro_batches: List[dict], vocab_size: int, 
     return results
 
 
-def policy_logprobs(model_chunks, micro_batches: List[dict], vocab_size: int) -> Optional[List[torch.Tensor]]:
+def policy_logprobs(model_chunks, micro_batches: List[dict], vocab_size: int,
+                    fused_logprobs: bool = False) -> Optional[List[torch.Tensor]]:
     """Forward-only pass: the log-probs ``[b, s]`` of each micro-batch's labels (last stage; None elsewhere)."""
-    results = forward_only_pass(model_chunks, micro_batches, vocab_size)
+    results = forward_only_pass(model_chunks, micro_batches, vocab_size, fused_logprobs=fused_logprobs)
     return [result["logprobs"] for result in results] if parallel.is_last_stage() else None
 
 

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--moe-routing-flip-stats", action="store_true",
                       help="record the old-policy pass's routing and report the fraction of top-k choices "
                            "that differ in the training pass (routing_flip_fraction)")
+    prec.add_argument("--fused-logprobs", action="store_true",
+                      help="compute log-probs from the final hidden states in chunks of tokens, never materialising "
+                           "the [tokens, vocab] logits (one more output-layer matmul in the backward)")
     prec.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     prec.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     prec.add_argument("--recompute-num-layers", type=int, default=None)
@@ -466,8 +469,10 @@ class Trainer:
         micro_batches = self.micro_batches(step)
         rows = self.args.old_policy_micro_batch_size or self.args.micro_batch_size
         if rows == self.args.micro_batch_size:
-            return forward_only_pass(chunks, micro_batches, self.model_args.vocab_size, replays)
-        results = forward_only_pass(chunks, regroup(micro_batches, rows, self.batching), self.model_args.vocab_size)
+            return forward_only_pass(chunks, micro_batches, self.model_args.vocab_size, replays,
+                                     fused_logprobs=self.args.fused_logprobs)
+        results = forward_only_pass(chunks, regroup(micro_batches, rows, self.batching), self.model_args.vocab_size,
+                                    fused_logprobs=self.args.fused_logprobs)
         if not parallel.is_last_stage():
             return [{} for _ in micro_batches]
         logprobs = torch.cat([result["logprobs"] for result in results]).split(self.args.micro_batch_size)
@@ -488,7 +493,8 @@ class Trainer:
                 group["max_lr"] = args.sft_warmup_lr if in_warmup else args.lr
         result = train_step(self.model, self.optimizer, self.scheduler, micro_batches, objective,
                             self.model_args.vocab_size, token_histograms=args.log_clipped_tokens,
-                            replays=self.replays, replay_routing=args.moe_router_replay, timers=self.timers)
+                            replays=self.replays, replay_routing=args.moe_router_replay, timers=self.timers,
+                            fused_logprobs=args.fused_logprobs)
         seconds = time.perf_counter() - start
         self.step += 1
 
@@ -539,7 +545,8 @@ class Trainer:
                     micro_batch["old_logprobs"] = old[index].get("logprobs")  # None off the last stage
                     micro_batch["routing"] = old[index].get("routing")
         if objective.needs_reference_logprobs:
-            reference = policy_logprobs(self.frozen, micro_batches, self.model_args.vocab_size)
+            reference = policy_logprobs(self.frozen, micro_batches, self.model_args.vocab_size,
+                                        fused_logprobs=args.fused_logprobs)
             for micro_batch, logprobs in zip(micro_batches, reference or []):
                 micro_batch["reference_logprobs"] = logprobs
 

@@ -125,7 +125,8 @@ def _train_and_save(chunks, frozen_chunks, config, args, hf_config, root):
     optimizer, scheduler = build_optimizer(chunks, optim, torch.float32, train_steps=10)  # lr > 0 at step 1
     tokens = _tokens()
     batch = dict(tokens=tokens, labels=torch.roll(tokens, -1, 1), loss_mask=torch.ones(BATCH, SEQ),
-                 position_ids=torch.arange(SEQ).expand(BATCH, SEQ).contiguous())
+                 position_ids=torch.arange(SEQ).expand(BATCH, SEQ).contiguous(),
+                 segment_ids=torch.arange(BATCH)[:, None].expand(BATCH, SEQ).contiguous())
     train_step(chunks, optimizer, scheduler, [batch], ObjectiveConfig("sft"), args.vocab_size)
     checkpoint.save(root, TRAINED_ITERATION, chunks, hf_config, optimizer=optimizer, scheduler=scheduler,
                     trainer_state={"iteration": TRAINED_ITERATION}, frozen_chunks=frozen_chunks)

@@ -35,7 +35,8 @@ def global_batch(vocab):
     loss_mask[5, :] = 0  # a sample with no response tokens at all
     old_shift = (torch.rand(GLOBAL_BATCH, SEQ, generator=g) - 0.5)  # old = logp - shift: ratios in [0.6, 1.65]
     return dict(tokens=tokens[:, :-1], labels=tokens[:, 1:], loss_mask=loss_mask,
-                position_ids=torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).contiguous()), old_shift
+                position_ids=torch.arange(SEQ).expand(GLOBAL_BATCH, SEQ).contiguous(),
+                segment_ids=torch.arange(GLOBAL_BATCH)[:, None].expand(GLOBAL_BATCH, SEQ).contiguous()), old_shift
 
 
 def _micro_batches(batch, rows, micro_batch_size):

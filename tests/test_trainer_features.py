@@ -37,6 +37,8 @@ SAME_MATH = {
     "overlap_grad_reduce_pp2_vpp2": ("pp2_vpp2_dp2", ["--overlap-grad-reduce"]),
     # The old-policy pass in micro-batches of 4 rows (training's 2 rows each, regrouped), through the pipeline.
     "old_policy_micro_batch_size": ("pp2_dp2", ["--old-policy-micro-batch-size", "4"]),
+    # Log-probs from the hidden states and the output weight, logits never materialised, under TP + SP and PP.
+    "fused_logprobs": ("tp2_sp_pp2", ["--fused-logprobs"]),
 }
 OTHER_MATH = {"bf16": ("ep2_dp4", ["--params-dtype", "bf16"]),
               "aux_loss": ("ep2_dp4", ["--moe-aux-loss-coeff", "0.01"]),
@@ -183,7 +185,8 @@ def _features(tmp, data_prefix, configs):
             distributed_optimizer=ddp.use_distributed_optimizer, overlap_grad_reduce=ddp.overlap_grad_reduce,
             dispatcher=config.moe_token_dispatcher_type, recompute=config.recompute_granularity,
             params_dtype=str(config.params_dtype), aux_loss_coeff=config.moe_aux_loss_coeff,
-            old_policy_micro_batch_size=trainer.args.old_policy_micro_batch_size)
+            old_policy_micro_batch_size=trainer.args.old_policy_micro_batch_size,
+            fused_logprobs=trainer.args.fused_logprobs)
         parallel.destroy()
     results["settings"] = settings
 
@@ -251,6 +254,7 @@ EXPECTED_SETTINGS = {
     "bf16": dict(params_dtype="torch.bfloat16"),
     "aux_loss": dict(aux_loss_coeff=0.01),
     "old_policy_micro_batch_size": dict(old_policy_micro_batch_size=4),
+    "fused_logprobs": dict(fused_logprobs=True),
 }
 
 
