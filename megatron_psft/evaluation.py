@@ -23,8 +23,7 @@ import torch
 from megatron_psft import parallel
 from megatron_psft.batching import Batching, rank_micro_batches
 from megatron_psft.data import SFTDataset
-from megatron_psft.logprobs import vocab_parallel_logprobs
-from megatron_psft.step import _model_forward, _reduce_over_stages, _run_schedule
+from megatron_psft.step import _forward, _logprobs_of, _reduce_over_stages, _run_schedule
 
 # Set names become metric keys (eval/NAME/nll) and TensorBoard tags.
 _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -34,13 +33,15 @@ _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 class EvalSettings:
     """How evaluation batches a set: its stored order, `global_batch_size` samples per batch (the
     last may be short), the first `eval_iters` batches (None: the whole set), padded or packed into
-    micro-batches as training does (:mod:`megatron_psft.batching`)."""
+    micro-batches as training does (:mod:`megatron_psft.batching`); log-probs from the logits or, with
+    `fused_logprobs`, fused with the output layer as training takes them."""
 
     seq_length: int
     micro_batch_size: int
     global_batch_size: int
     eval_iters: Optional[int] = None
     pack: bool = False
+    fused_logprobs: bool = False
 
     def __post_init__(self):
         if self.eval_iters is not None and self.eval_iters < 1:
@@ -48,9 +49,10 @@ class EvalSettings:
 
     @classmethod
     def from_args(cls, args) -> "EvalSettings":
-        """The trainer's flags: --seq-length, --micro-batch-size, --global-batch-size, --eval-iters and
-        --pack-sequences."""
-        return cls(args.seq_length, args.micro_batch_size, args.global_batch_size, args.eval_iters, args.pack_sequences)
+        """The trainer's flags: --seq-length, --micro-batch-size, --global-batch-size, --eval-iters,
+        --pack-sequences and --fused-logprobs."""
+        return cls(args.seq_length, args.micro_batch_size, args.global_batch_size, args.eval_iters, args.pack_sequences,
+                   args.fused_logprobs)
 
 
 @dataclass(frozen=True)
@@ -92,8 +94,8 @@ def evaluate(model_chunks, datasets: Dict[str, SFTDataset], settings: EvalSettin
 
 
 def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, vocab_size: int) -> EvalResult:
-    def loss_func(labels, loss_mask, logits):
-        logprobs, entropy = vocab_parallel_logprobs(logits, labels, vocab_size=vocab_size, with_entropy=True)
+    def loss_func(logprobs_of, loss_mask, output):
+        logprobs, entropy = logprobs_of(output)
         mask = loss_mask.float()
         sums = {"nll_total": -(logprobs * mask).sum(), "entropy_total": (entropy * mask).sum(),
                 "tokens_total": mask.sum()}
@@ -101,8 +103,9 @@ def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, voc
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
-        logits = _model_forward(model, micro_batch)
-        return logits, lambda output: loss_func(micro_batch["labels"], micro_batch["loss_mask"], output)
+        output = _forward(model, micro_batch, settings.fused_logprobs)
+        logprobs_of = _logprobs_of(model, micro_batch, vocab_size, settings.fused_logprobs, with_entropy=True)
+        return output, lambda output: loss_func(logprobs_of, micro_batch["loss_mask"], output)
 
     batching = Batching(settings.seq_length, settings.micro_batch_size, dataset.meta["pad_id"], settings.pack,
                         micro_batch_multiple=_micro_batch_multiple(model_chunks))

@@ -33,6 +33,7 @@ LAYOUTS = {
     "pp2_vpp2_dp2": (dict(pipeline=2, virtual_pipeline=2), 1),
     "tp2_sp_ep4_etp1": (dict(tensor=2, expert=4, expert_tensor=1, sequence_parallel=True), 2),
 }
+FUSED_LAYOUTS = ("tp2_sp_dp2", "pp2_vpp2_dp2")  # --fused-logprobs: the output layer inside the log-probs
 TRAINING_LAYOUT = (dict(pipeline=2, expert=2), 1)  # PP (stage hand-off and broadcast) and EP (all-to-all)
 RTOL = 1e-5
 
@@ -129,8 +130,12 @@ def _evaluate_layout(name, paths):
     whole = evaluate(chunks, datasets, EvalSettings(SEQ, micro_batch_size, GLOBAL_BATCH), args.vocab_size)
     first = evaluate(chunks, {"chat": datasets["chat"]},
                      EvalSettings(SEQ, micro_batch_size, GLOBAL_BATCH, eval_iters=EVAL_ITERS), args.vocab_size)
+    results = dict(whole=_as_dicts(whole), first=_as_dicts(first))
+    if name in FUSED_LAYOUTS:
+        results["fused"] = _as_dicts(evaluate(chunks, datasets, EvalSettings(SEQ, micro_batch_size, GLOBAL_BATCH,
+                                                                             fused_logprobs=True), args.vocab_size))
     parallel.destroy()
-    return dict(whole=_as_dicts(whole), first=_as_dicts(first))
+    return results
 
 
 def _state(chunks):
@@ -275,6 +280,8 @@ def test_eval_is_the_float64_token_mean(work, name):
         print(name, set_name, got["whole"][set_name], work["want"][set_name])
         _close(got["whole"][set_name], work["want"][set_name])
     _close(got["first"]["chat"], work["want_first"])  # --eval-iters: the first batches, in stored order
+    for set_name in SETS if name in FUSED_LAYOUTS else ():
+        _close(got["fused"][set_name], work["want"][set_name])
 
 
 @pytest.mark.parametrize("name", [*LAYOUTS, "training"])
