@@ -9,7 +9,8 @@
 #
 # With nothing set on a machine without a GPU it runs the embedded default: a tiny Qwen3-MoE-shaped
 # model on the bundled chat data and tokenizer, 4 CPU processes over gloo (TP2 x EP2 with sequence
-# parallelism, DP2), SFT warm-up then PSFT rounds, a checkpoint, and an HF export of it.
+# parallelism, DP2), SFT warm-up then PSFT rounds evaluated on a held-out slice of the data, a
+# checkpoint, and an HF export of it.
 #
 # DRY_RUN=1 resolves every flag as the launch would and prints the plan (layout, parameters and
 # memory per GPU) without a GPU, data or weights, e.g. DRY_RUN=1 HF_CONFIG=30b-a3b NNODES=2.
@@ -39,7 +40,11 @@ if [ -z "${PRETRAINED:-}${DATA_PREFIX:-}${HF_CONFIG:-}${NNODES:-}${SLURM_JOB_ID:
   LOG_INTERVAL=${LOG_INTERVAL:-2}
   PARAMS_DTYPE=${PARAMS_DTYPE:-fp32}; FP8_FORMAT=${FP8_FORMAT:-}; MOE_GROUPED_GEMM=${MOE_GROUPED_GEMM:-0}
   RECOMPUTE_GRANULARITY=${RECOMPUTE_GRANULARITY:-}
-  DATA_PREFIX=$RUN_DIR/data/chat
+  # The bundled data's last HELD_OUT conversations are held out (and every copy of them dropped from
+  # training: the data is templated, so some conversations repeat) and evaluated as the set "heldout".
+  HELD_OUT=32
+  DATA_PREFIX=$RUN_DIR/data/chat_train; HELD_OUT_PREFIX=$RUN_DIR/data/chat_heldout
+  EVAL_DATA=${EVAL_DATA-heldout=$HELD_OUT_PREFIX}; EVAL_INTERVAL=${EVAL_INTERVAL:-12}
   TOKENIZER=${TOKENIZER:-$ROOT/megatron_psft/assets/tokenizer}
   SAVE_DIR=${SAVE_DIR:-$RUN_DIR/checkpoints}
   EXPORT_HF_DIR=${EXPORT_HF_DIR:-$RUN_DIR/hf_export}
@@ -70,6 +75,7 @@ else
   RECOMPUTE_GRANULARITY=${RECOMPUTE_GRANULARITY-selective}  # set empty for no recompute
   EXPORT_HF_DIR=${EXPORT_HF_DIR:-}
   TOKENIZER=${TOKENIZER:-${HF_TEMPLATE:-}}  # the HF model directory: its tokenizer must match the data's
+  EVAL_DATA=${EVAL_DATA:-}; EVAL_INTERVAL=${EVAL_INTERVAL:-100}
 fi
 OBJECTIVE=${OBJECTIVE:-psft}; EPS_LOW=${EPS_LOW:-0.2}; EPS_HIGH=${EPS_HIGH:-0.28}
 WEIGHT_DECAY=${WEIGHT_DECAY:-0.1}; CLIP_GRAD=${CLIP_GRAD:-1.0}; LR_DECAY_STYLE=${LR_DECAY_STYLE:-cosine}
@@ -77,6 +83,7 @@ MOE_DISPATCHER=${MOE_DISPATCHER:-alltoall}; MOE_ROUTER_REPLAY=${MOE_ROUTER_REPLA
 FP8_RECIPE=${FP8_RECIPE:-tensorwise}; RECOMPUTE_MODULES=${RECOMPUTE_MODULES:-moe_act layernorm}
 SAVE_INTERVAL=${SAVE_INTERVAL:-0}; SEED=${SEED:-1234}; TIMING_LOG_LEVEL=${TIMING_LOG_LEVEL:-1}
 SAVE_DIR=${SAVE_DIR:-}
+EVAL_ITERS=${EVAL_ITERS:-}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-${SAVE_DIR:+$SAVE_DIR/tensorboard}}
 
 # --- launcher: torchrun, on one or many nodes, or under SLURM ------------------------------------
@@ -88,13 +95,19 @@ fi
 NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
 
 # (Re)preprocess the bundled data when it is missing or was written in an older format.
-data_is_current() {
-  [ -f "$DATA_PREFIX.meta.json" ] && "$PYTHON" -c 'import json, sys; from megatron_psft.data import FORMAT_VERSION
-sys.exit(json.load(open(sys.argv[1])).get("format_version") != FORMAT_VERSION)' "$DATA_PREFIX.meta.json"
+data_is_current() {  # PREFIX
+  [ -f "$1.meta.json" ] && "$PYTHON" -c 'import json, sys; from megatron_psft.data import FORMAT_VERSION
+sys.exit(json.load(open(sys.argv[1])).get("format_version") != FORMAT_VERSION)' "$1.meta.json"
 }
-if [ "$EMBEDDED" = 1 ] && [ "$DRY_RUN" != 1 ] && ! data_is_current; then
-  "$PYTHON" "$ROOT/tools/preprocess_data.py" --input "$ROOT/megatron_psft/assets/chat_data.jsonl" \
-    --output-prefix "$DATA_PREFIX" --tokenizer "$ROOT/megatron_psft/assets/tokenizer" --seq-length "$SEQ_LENGTH"
+if [ "$EMBEDDED" = 1 ] && [ "$DRY_RUN" != 1 ] && ! { data_is_current "$DATA_PREFIX" && data_is_current "$HELD_OUT_PREFIX"; }; then
+  mkdir -p "$RUN_DIR/data"
+  CHAT_DATA=$ROOT/megatron_psft/assets/chat_data.jsonl
+  tail -n "$HELD_OUT" "$CHAT_DATA" > "$HELD_OUT_PREFIX.jsonl"
+  head -n $(($(wc -l < "$CHAT_DATA") - HELD_OUT)) "$CHAT_DATA" | grep -vxFf "$HELD_OUT_PREFIX.jsonl" > "$DATA_PREFIX.jsonl"
+  for prefix in "$DATA_PREFIX" "$HELD_OUT_PREFIX"; do
+    "$PYTHON" "$ROOT/tools/preprocess_data.py" --input "$prefix.jsonl" --output-prefix "$prefix" \
+      --tokenizer "$ROOT/megatron_psft/assets/tokenizer" --seq-length "$SEQ_LENGTH"
+  done
 fi
 
 ARGS=(
@@ -113,6 +126,11 @@ ARGS=(
 [ -n "${EXIT_DURATION_IN_MINS:-}" ] && ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_IN_MINS")
 [ -n "${WANDB_PROJECT:-}" ] && ARGS+=(--wandb-project "$WANDB_PROJECT" --wandb-exp-name "${WANDB_EXP_NAME:-$(basename "${SAVE_DIR:-psft}")}")
 [ -n "${DATA_PREFIX:-}" ] && ARGS+=(--data-prefix "$DATA_PREFIX")
+if [ -n "$EVAL_DATA" ]; then  # "NAME=PREFIX NAME=PREFIX"
+  read -r -a EVAL_SETS <<< "$EVAL_DATA"
+  ARGS+=(--eval-data-prefix "${EVAL_SETS[@]}" --eval-interval "$EVAL_INTERVAL")
+  [ -n "$EVAL_ITERS" ] && ARGS+=(--eval-iters "$EVAL_ITERS")
+fi
 [ -n "$TOKENIZER" ] && ARGS+=(--tokenizer "$TOKENIZER")
 [ -n "$SAVE_DIR" ] && ARGS+=(--save "$SAVE_DIR" --load "$SAVE_DIR")
 [ -n "$TENSORBOARD_DIR" ] && ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")
