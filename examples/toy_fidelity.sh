@@ -14,8 +14,9 @@
 #    OUT_DIR/tradeoff.png (out-of-domain NLL and entropy against in-domain NLL) and OUT_DIR/curves.png
 #    (python -m megatron_psft.plot: every metric against the step).
 #
-# SETTING=full (default: 7.5 CPU-minutes, ~9 min wall on 2 idle cores, 18 min on a loaded machine) or SETTING=smoke (the test's, seconds of training; its
-# numbers mean nothing). Every knob below is a variable: e.g. LR=3e-4 OLD_POLICY_INTERVAL=4 EPS_HIGH=0.1.
+# SETTING=full (default: 7.5 CPU-minutes; 18 min wall on a shared, loaded 2-core machine) or
+# SETTING=smoke (the test's, seconds of training; its numbers mean nothing). Every knob below is a
+# variable: e.g. LR=1e-3 OLD_POLICY_INTERVAL=8 EPS_HIGH=0.1 OBJECTIVES="sft psft".
 # One process per run (1 rank, gloo on CPU; a GPU is used where there is one).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
