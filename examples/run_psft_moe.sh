@@ -84,6 +84,9 @@ FP8_RECIPE=${FP8_RECIPE:-tensorwise}; RECOMPUTE_MODULES=${RECOMPUTE_MODULES:-moe
 SAVE_INTERVAL=${SAVE_INTERVAL:-0}; SEED=${SEED:-1234}; TIMING_LOG_LEVEL=${TIMING_LOG_LEVEL:-1}
 SAVE_DIR=${SAVE_DIR:-}
 EVAL_ITERS=${EVAL_ITERS:-}
+# Whole samples packed into each SEQ_LENGTH row: padding is computed like any token, experts included.
+PACK_SEQUENCES=${PACK_SEQUENCES:-1}
+OLD_POLICY_MICRO_BATCH_SIZE=${OLD_POLICY_MICRO_BATCH_SIZE:-}; FUSED_LOGPROBS=${FUSED_LOGPROBS:-0}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-${SAVE_DIR:+$SAVE_DIR/tensorboard}}
 
 # --- launcher: torchrun, on one or many nodes, or under SLURM ------------------------------------
@@ -142,6 +145,9 @@ fi
 [ -n "$FP8_FORMAT" ] && ARGS+=(--fp8-format "$FP8_FORMAT" --fp8-recipe "$FP8_RECIPE")
 if [ "$MOE_GROUPED_GEMM" = 1 ]; then ARGS+=(--moe-grouped-gemm); else ARGS+=(--no-moe-grouped-gemm); fi
 [ "$MOE_ROUTER_REPLAY" = 1 ] && ARGS+=(--moe-router-replay)
+[ "$PACK_SEQUENCES" = 1 ] && ARGS+=(--pack-sequences)
+[ -n "$OLD_POLICY_MICRO_BATCH_SIZE" ] && ARGS+=(--old-policy-micro-batch-size "$OLD_POLICY_MICRO_BATCH_SIZE")
+[ "$FUSED_LOGPROBS" = 1 ] && ARGS+=(--fused-logprobs)
 # shellcheck disable=SC2206
 [ -n "$RECOMPUTE_GRANULARITY" ] && ARGS+=(--recompute-granularity "$RECOMPUTE_GRANULARITY" --recompute-modules $RECOMPUTE_MODULES)
 

@@ -177,8 +177,10 @@ def format_plan(*, platform: Platform, model_args: Qwen3MoeArgs, config, sizes: 
         f"  world        {sizes.world} {'GPUs' if platform.cuda else 'processes'}: TP{sizes.tensor} x PP{sizes.pipeline} x DP{sizes.data}, "
         f"SP {'on' if sizes.sequence_parallel else 'off'}, VPP {sizes.virtual_pipeline}",
         f"  experts      EP{sizes.expert} x ETP{sizes.expert_tensor} x expert-DP{sizes.expert_data}",
-        f"  batch        global {args.global_batch_size} = DP{sizes.data} x micro {args.micro_batch_size} x "
-        f"{micro_batches} micro-batches, seq {args.seq_length}",
+        (f"  batch        global {args.global_batch_size} samples packed into rows of seq {args.seq_length}, "
+         f"{args.micro_batch_size} row(s) per micro-batch, DP{sizes.data}" if args.pack_sequences else
+         f"  batch        global {args.global_batch_size} = DP{sizes.data} x micro {args.micro_batch_size} x "
+         f"{micro_batches} micro-batches, seq {args.seq_length}"),
         f"  precision    {args.params_dtype}, {fp8}, grouped GEMM {'on' if config.moe_grouped_gemm else 'off'}, "
         f"recompute {recompute}",
         f"  objective    {args.objective}, old policy "

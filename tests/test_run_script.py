@@ -118,6 +118,7 @@ VARIANTS = {
     "sft_kl_allgather_replay": (dict(OBJECTIVE="sft-kl", MOE_DISPATCHER="allgather", MOE_ROUTER_REPLAY="1"),
                                 "objective    sft-kl"),
     "embedded": (dict(HF_CONFIG="", NNODES=""), "4 processes: TP2 x PP1 x DP2, SP on"),
+    "padded": (dict(PACK_SEQUENCES="0"), "global 32 = DP8 x micro 1 x 4 micro-batches, seq 4096"),
     "eval_sets": (dict(EVAL_DATA="chat=/data/chat_eval code=/data/code_eval", EVAL_INTERVAL="50", EVAL_ITERS="4"),
                   "objective    psft"),
 }
