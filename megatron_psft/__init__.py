@@ -4,6 +4,7 @@ from megatron_psft.logprobs import vocab_parallel_logprobs
 from megatron_psft.objectives import (
     ObjectiveConfig,
     dft_loss,
+    iw_sft_loss,
     make_loss_func,
     psft_loss,
     psft_top_entropy_loss,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ObjectiveConfig",
     "dft_loss",
+    "iw_sft_loss",
     "make_loss_func",
     "psft_loss",
     "psft_top_entropy_loss",
