@@ -192,9 +192,12 @@ def output_hidden_states(model_chunk):
         del layer.forward
 
 
-def output_weight(model_chunk) -> torch.Tensor:
-    """The ``[V/tp, h]`` weight the chunk's output layer multiplies by (the embedding's when tied)."""
+def output_weight(model_chunk) -> Optional[torch.Tensor]:
+    """The ``[V/tp, h]`` weight the chunk's output layer multiplies by (the embedding's when tied); None
+    on chunks without the output layer (earlier pipeline stages)."""
     model = _unwrapped(model_chunk)
+    if not getattr(model, "post_process", False):
+        return None
     if model.share_embeddings_and_output_weights:
         return model.shared_embedding_or_output_weight()
     return model.output_layer.weight
