@@ -1,6 +1,7 @@
-"""Data pipeline: bundled assets, tools/preprocess_data.py (CLI behaviour via subprocesses), assistant
-masks under position-dependent chat templates (a Qwen3-like one), SFTDataset and its load-time
-integrity checks, the tokenizer identity, the global-batch schedule, collate and pack."""
+"""Data pipeline (megatron_psft.data): bundled assets, preprocessing (tools/preprocess_data.py's CLI
+behaviour via subprocesses), assistant masks under position-dependent chat templates (a Qwen3-like
+one), the on-disk format's writer, SFTDataset and its load-time integrity checks, the tokenizer
+identity, the global-batch schedule, collate and pack."""
 
 import importlib.util
 import json
@@ -14,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_psft import data as data_module
-from megatron_psft.data import (DataError, SFTDataset, check_tokenizer, collate, global_batch_indices, pack,
-                                tokenizer_identity)
+from megatron_psft.data import (FORMAT_VERSION, DataError, DatasetWriter, SFTDataset, check_tokenizer, collate,
+                                global_batch_indices, pack, tokenizer_identity)
+from megatron_psft.data import chat as chat_masking, dataset as dataset_module, preprocess
+from megatron_psft.data.format import META_FIELDS, SUFFIXES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "megatron_psft", "assets")
@@ -29,12 +31,10 @@ OFFLINE_ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 def load_tool(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # so worker processes can unpickle its functions
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
-
-preprocess_data = load_tool("preprocess_data")
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,8 @@ def test_bundled_assets_are_small_and_reproducible(tmp_path):
 @pytest.fixture(scope="module")
 def bundled_prefix(tmp_path_factory):
     prefix = str(tmp_path_factory.mktemp("bundled") / "chat")
-    preprocess_data.main(["--input", CHAT_DATA, "--output-prefix", prefix, "--tokenizer", TOKENIZER,
-                          "--seq-length", "128", "--workers", "2"])
+    preprocess.main(["--input", CHAT_DATA, "--output-prefix", prefix, "--tokenizer", TOKENIZER,
+                     "--seq-length", "128", "--workers", "2"])
     return prefix
 
 
@@ -322,9 +322,9 @@ QWEN3_CONVERSATIONS = [
 
 @pytest.mark.parametrize("conversation", range(len(QWEN3_CONVERSATIONS)))
 def test_qwen3_like_template_masks_each_assistant_turn_once_and_nothing_else(qwen3_tokenizer, conversation):
-    messages = preprocess_data.parse_messages(json.dumps({"messages": QWEN3_CONVERSATIONS[conversation]}))
+    messages = chat_masking.parse_messages(json.dumps({"messages": QWEN3_CONVERSATIONS[conversation]}))
     rendered = qwen3_tokenizer.apply_chat_template(messages, tokenize=False)
-    ids, mask = preprocess_data.tokenize_with_assistant_mask(qwen3_tokenizer, messages)
+    ids, mask = chat_masking.tokenize_with_assistant_mask(qwen3_tokenizer, messages)
     assert qwen3_tokenizer.decode(ids) == rendered
     assert masked_runs(qwen3_tokenizer, ids, mask) == qwen3_assistant_texts(messages)
     untrained = "".join(masked_runs(qwen3_tokenizer, ids, 1 - mask))
@@ -371,10 +371,10 @@ def test_qwen3_like_template_random_conversations(qwen3_tokenizer):
     consecutive answers and leading/trailing whitespace, the trained text is exactly each assistant
     message's rendered text, once, in order, and everything else is untrained."""
     rng = random.Random(11)
-    markers = preprocess_data.TurnMarkers(qwen3_tokenizer)
+    markers = chat_masking.TurnMarkers(qwen3_tokenizer)
     for case in range(150):
-        messages = preprocess_data.parse_messages(json.dumps({"messages": random_conversation(rng)}))
-        ids, mask = preprocess_data.tokenize_with_assistant_mask(qwen3_tokenizer, messages, markers)
+        messages = chat_masking.parse_messages(json.dumps({"messages": random_conversation(rng)}))
+        ids, mask = chat_masking.tokenize_with_assistant_mask(qwen3_tokenizer, messages, markers)
         rendered = qwen3_tokenizer.apply_chat_template(messages, tokenize=False)
         assert qwen3_tokenizer.decode(ids) == rendered, case
         assert masked_runs(qwen3_tokenizer, ids, mask) == qwen3_assistant_texts(messages), (case, messages)
@@ -387,8 +387,8 @@ def test_generation_prompt_that_opens_the_think_block(qwen3_tokenizer):
         "{{- '<|im_start|>assistant\\n' }}\n    {%- if enable_thinking", "{{- '<|im_start|>assistant\\n<think>\\n' }}\n    {%- if enable_thinking")
     assert template != qwen3_tokenizer.chat_template
     thinking = with_template(template)
-    messages = preprocess_data.parse_messages(json.dumps({"messages": QWEN3_CONVERSATIONS[0]}))
-    ids, mask = preprocess_data.tokenize_with_assistant_mask(thinking, messages)
+    messages = chat_masking.parse_messages(json.dumps({"messages": QWEN3_CONVERSATIONS[0]}))
+    ids, mask = chat_masking.tokenize_with_assistant_mask(thinking, messages)
     expected = qwen3_assistant_texts(messages)
     assert masked_runs(thinking, ids, mask) == expected[:-1] + [expected[-1].removeprefix("<think>\n")]
 
@@ -401,7 +401,7 @@ def test_qwen3_like_multi_turn_data_preprocesses_with_on_error_stop(tmp_path, qw
     dataset = SFTDataset(prefix)
     assert len(dataset) == len(lines) and dataset.meta["counts"]["skipped_malformed"] == 0
     for i, line in enumerate(lines):
-        messages = preprocess_data.parse_messages(json.dumps(line))
+        messages = chat_masking.parse_messages(json.dumps(line))
         assert masked_runs(qwen3_tokenizer, *dataset[i]) == qwen3_assistant_texts(messages), f"line {i + 1}"
     assert dataset.meta["assistant_mask"]["end_of_turn"] == "<|im_end|>"
     assert dataset.meta["tokenizer"]["name"] == os.path.abspath(qwen3_tokenizer_dir)
@@ -419,7 +419,7 @@ def test_token_straddling_a_turn_edge_is_split_there(tokenizer):
     rendered = spaced.apply_chat_template(messages, tokenize=False)
     whole = spaced.encode(rendered, add_special_tokens=False)
     assert "Ġthe" in spaced.convert_ids_to_tokens(whole)  # the merge this test is about
-    ids, mask = preprocess_data.tokenize_with_assistant_mask(spaced, messages)
+    ids, mask = chat_masking.tokenize_with_assistant_mask(spaced, messages)
     assert spaced.decode(ids) == rendered
     assert masked_runs(spaced, ids, mask) == ["the answer<|im_end|>", "the end<|im_end|>"]
 
@@ -430,7 +430,7 @@ def test_generation_blocks_mark_what_is_trained(tokenizer):
         "{%- if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
         "{%- else %}{{ m['content'] }}{%- endif %}<|im_end|>\n{%- endfor %}"
         "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
-    ids, mask = preprocess_data.tokenize_with_assistant_mask(marked, chat("a", "first", "b", "second")["messages"])
+    ids, mask = chat_masking.tokenize_with_assistant_mask(marked, chat("a", "first", "b", "second")["messages"])
     assert masked_runs(marked, ids, mask) == ["first", "second"]  # the template's marks, not <|im_end|>
 
 
@@ -441,13 +441,13 @@ def test_templates_that_cannot_be_masked_are_named_per_line(tmp_path, tokenizer)
         "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{{ m['content'] if (m['role'] != 'assistant' or loop.last) else '' }}<|im_end|>\n{%- endfor %}"
         "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
-    with pytest.raises(preprocess_data.MalformedSample, match="message 1 .*answer is not where"):
-        preprocess_data.tokenize_with_assistant_mask(dropping, messages)
+    with pytest.raises(chat_masking.MalformedSample, match="message 1 .*answer is not where"):
+        chat_masking.tokenize_with_assistant_mask(dropping, messages)
     # Renders assistant turns with another header than its generation prompt.
     other_header = with_template(CHATML.replace("SEP", "\n").replace("{{ m['role'] }}",
                                                                       "{{ 'model' if m['role'] == 'assistant' else m['role'] }}"))
-    with pytest.raises(preprocess_data.MalformedSample, match="message 1 .*unsupported template"):
-        preprocess_data.tokenize_with_assistant_mask(other_header, messages)
+    with pytest.raises(chat_masking.MalformedSample, match="message 1 .*unsupported template"):
+        chat_masking.tokenize_with_assistant_mask(other_header, messages)
     # The same through the CLI: FILE:LINE and the reason.
     directory = tmp_path / "other_header"
     other_header.save_pretrained(directory)
@@ -495,7 +495,7 @@ def test_dataset_reads_the_written_files(bundled_prefix):
 
 
 def copy_dataset(source_prefix, prefix):
-    for suffix in ("tokens.bin", "mask.bin", "offsets.npy", "meta.json"):
+    for suffix in SUFFIXES:
         shutil.copyfile(f"{source_prefix}.{suffix}", f"{prefix}.{suffix}")
     return prefix
 
@@ -545,7 +545,7 @@ def test_dataset_rejects_mask_bytes_other_than_0_and_1(bundled_prefix, tmp_path)
 def test_dataset_scan_is_chunked(bundled_prefix, tmp_path, monkeypatch):
     """The integrity scan works in bounded chunks and finds a bad id past the first chunk."""
     prefix = copy_dataset(bundled_prefix, str(tmp_path / "copy"))
-    monkeypatch.setattr(data_module, "_SCAN_CHUNK", 1000)
+    monkeypatch.setattr(dataset_module, "_SCAN_CHUNK", 1000)
     SFTDataset(prefix)
     offsets = np.load(f"{prefix}.offsets.npy")
     tokens = np.memmap(f"{prefix}.tokens.bin", dtype=np.uint16, mode="r+")
@@ -596,8 +596,61 @@ def test_meta_that_is_not_json_is_a_clear_error(bundled_prefix, tmp_path):
         SFTDataset(prefix)
 
 
-def test_format_version_is_shared_by_writer_and_reader(bundled_prefix):
-    assert preprocess_data.FORMAT_VERSION == data_module.FORMAT_VERSION == SFTDataset(bundled_prefix).meta["format_version"]
+def test_meta_json_holds_the_schema_keys_in_order(bundled_prefix):
+    with open(f"{bundled_prefix}.meta.json") as f:
+        written = json.load(f)
+    assert list(written) == [field.key for field in META_FIELDS]
+    assert written["format_version"] == FORMAT_VERSION == SFTDataset(bundled_prefix).meta["format_version"]
+
+
+def random_samples(rng, vocab_size, count):
+    samples = []
+    for _ in range(count):
+        length = int(rng.integers(2, 40))
+        samples.append((rng.integers(0, vocab_size, length), rng.integers(0, 2, length).astype(np.uint8)))
+    return samples
+
+
+WRITER_FIELDS = dict(tokenizer={"name": "test", "vocab_sha256": "0" * 64, "vocab_size": 1}, assistant_mask={},
+                     pad_id=0, eos_id=None, seq_length=64, overlong="truncate", input="test.jsonl", counts={})
+
+
+@pytest.mark.parametrize("vocab_size, token_dtype", [(2**16, "uint16"), (2**16 + 1, "uint32")])
+def test_dataset_writer_round_trips_through_sft_dataset(tmp_path, vocab_size, token_dtype):
+    rng = np.random.default_rng(vocab_size)
+    samples = random_samples(rng, vocab_size, 25)
+    samples[0][0][0] = vocab_size - 1  # the largest id survives the narrowest dtype
+    prefix = str(tmp_path / "new" / "data")
+    with DatasetWriter(prefix, vocab_size) as writer:
+        for ids, mask in samples:
+            writer.append(ids, mask)
+        meta = writer.finish(**WRITER_FIELDS)
+    dataset = SFTDataset(prefix)
+    assert dataset.meta == meta and meta["token_dtype"] == token_dtype and len(dataset) == len(samples)
+    assert meta["num_tokens"] == sum(len(ids) for ids, _ in samples)
+    assert meta["num_trained_tokens"] == sum(int(mask.sum()) for _, mask in samples)
+    for (ids, mask), (read_ids, read_mask) in zip(samples, (dataset[i] for i in range(len(dataset)))):
+        np.testing.assert_array_equal(read_ids, ids)
+        np.testing.assert_array_equal(read_mask, mask.astype(bool))
+    assert sorted(os.listdir(tmp_path / "new")) == [f"data.{suffix}" for suffix in
+                                                    ("mask.bin", "meta.json", "offsets.npy", "tokens.bin")]
+
+
+def test_dataset_writer_leaves_an_older_dataset_alone_when_it_does_not_finish(bundled_prefix, tmp_path):
+    prefix = copy_dataset(bundled_prefix, str(tmp_path / "copy"))
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with DatasetWriter(prefix, 1000) as writer:
+            writer.append(np.arange(5), np.ones(5, dtype=np.uint8))
+            raise RuntimeError("interrupted")
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+    with DatasetWriter(prefix, 1000) as writer:
+        incomplete = {key: value for key, value in WRITER_FIELDS.items() if key != "counts"}
+        with pytest.raises(TypeError, match=r"missing meta fields \['counts'\], unexpected \['extra'\]"):
+            writer.finish(**incomplete, extra=1)
+        with pytest.raises(DataError, match="at least one sample"):
+            writer.finish(**WRITER_FIELDS)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
 
 
 # ---------------------------------------------------------------- tokenizer identity

@@ -1,14 +1,15 @@
-"""SFT data for the trainer: memory-mapped samples from tools/preprocess_data.py, the step-indexed
+"""Reading preprocessed SFT data: memory-mapped samples (:class:`SFTDataset`, checked once at load),
+the tokenizer they were made with (``tokenizer_identity``, ``check_tokenizer``), the step-indexed
 global-batch schedule, and batching (padding or packing) into shifted tokens / labels / loss mask.
 
 Labels are always valid vocabulary ids: positions that are not trained (prompt, padding, the end of
 a packed sample) carry ``pad_id`` with loss_mask 0, never -100, because the vocab-parallel log-prob
 kernel rejects labels outside the vocabulary.
 
-Loading checks the data once (``SFTDataset``): meta.json's keys and types, the files' sizes, every
-token id below the vocabulary size and every mask byte 0 or 1, naming the first bad sample. The
-tokenizer the data was made with is recorded in meta.json (``tokenizer_identity``) and compared with
-the model's by ``check_tokenizer``.
+Loading checks the data once (``SFTDataset``): meta.json's keys and types
+(:func:`megatron_psft.data.format.read_meta`), the files' sizes, every token id below the vocabulary
+size and every mask byte 0 or 1, naming the first bad sample. The tokenizer the data was made with is
+recorded in meta.json (``tokenizer_identity``) and compared with the model's by ``check_tokenizer``.
 """
 
 import functools
@@ -20,15 +21,9 @@ import warnings
 import numpy as np
 import torch
 
-# 2: meta.json's "tokenizer" is the tokenizer's identity (name + vocabulary hash); multi-turn and
-#    reasoning conversations are masked from the full render (docs/data.md).
-FORMAT_VERSION = 2
-TOKEN_DTYPES = ("uint16", "uint32")
+from megatron_psft.data.format import MASK_DTYPE, DataError, dataset_paths, read_meta
+
 _SCAN_CHUNK = 1 << 24  # elements per vectorised pass over the memory maps (64 MiB of uint32 ids)
-
-
-class DataError(ValueError):
-    """Preprocessed data that cannot be trained on; the message names the file and what is wrong."""
 
 
 def tokenizer_identity(tokenizer, name: str = None) -> dict:
@@ -86,55 +81,6 @@ def check_tokenizer(meta: dict, tokenizer, allow_mismatch: bool = False) -> bool
     return False
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def read_meta(meta_path: str) -> dict:
-    """meta.json, checked: a clear :class:`DataError` naming the file and the missing or bad key."""
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{meta_path}: not valid JSON ({e}); re-run tools/preprocess_data.py") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
-
-    def bad(key, expected):
-        if key not in meta:
-            return DataError(f"{meta_path}: missing key {key!r} ({expected})")
-        return DataError(f"{meta_path}: key {key!r} must be {expected}, got {meta[key]!r}")
-
-    version = meta.get("format_version")
-    if "format_version" not in meta:
-        raise bad("format_version", f"the data format version, {FORMAT_VERSION}")
-    if version != FORMAT_VERSION:
-        why = (" (written by an older tools/preprocess_data.py, before the tokenizer identity and multi-turn "
-               "masks)" if _is_int(version) and version < FORMAT_VERSION else "")
-        raise DataError(f"{meta_path}: format_version {version!r}, this code reads version {FORMAT_VERSION}{why}; "
-                        "re-run tools/preprocess_data.py")
-    checks = [
-        ("vocab_size", "a positive integer", lambda v: _is_int(v) and v > 0),
-        ("token_dtype", f"one of {', '.join(TOKEN_DTYPES)}", lambda v: v in TOKEN_DTYPES),
-        ("mask_dtype", "'uint8'", lambda v: v == "uint8"),
-        ("seq_length", "a positive integer", lambda v: _is_int(v) and v > 0),
-        ("num_samples", "a positive integer", lambda v: _is_int(v) and v > 0),
-        ("num_tokens", "a non-negative integer", lambda v: _is_int(v) and v >= 0),
-        ("pad_id", "an integer id below vocab_size", lambda v: _is_int(v) and 0 <= v < meta["vocab_size"]),
-        ("eos_id", "an integer id below vocab_size, or null",
-         lambda v: v is None or (_is_int(v) and 0 <= v < meta["vocab_size"])),
-        ("tokenizer", 'an object with "name" and "vocab_sha256" strings',
-         lambda v: isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("vocab_sha256"), str)),
-    ]
-    for key, expected, valid in checks:
-        if key not in meta or not valid(meta[key]):
-            raise bad(key, expected)
-    if meta["vocab_size"] > np.iinfo(meta["token_dtype"]).max + 1:
-        raise DataError(f"{meta_path}: token_dtype {meta['token_dtype']} cannot hold ids of a vocabulary of "
-                        f"{meta['vocab_size']}")
-    return meta
-
-
 def _first_at_or_above(array: np.ndarray, bound: int):
     """Index of the first element >= bound, or None; vectorised in chunks so memory stays bounded."""
     for start in range(0, array.size, _SCAN_CHUNK):
@@ -157,23 +103,24 @@ class SFTDataset:
     """
 
     def __init__(self, prefix: str, vocab_size: int = None):
-        meta_path = f"{prefix}.meta.json"
+        paths = dataset_paths(prefix)
+        meta_path = paths["meta.json"]
         if not os.path.exists(meta_path):
             raise FileNotFoundError(
                 f"{meta_path} not found: {prefix!r} is not a finished preprocessed dataset "
                 "(run tools/preprocess_data.py --output-prefix PREFIX)")
         self.meta = read_meta(meta_path)
-        for path in (f"{prefix}.tokens.bin", f"{prefix}.mask.bin", f"{prefix}.offsets.npy"):
+        for path in (paths["tokens.bin"], paths["mask.bin"], paths["offsets.npy"]):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} not found (next to {meta_path})")
 
         num_samples, num_tokens = self.meta["num_samples"], self.meta["num_tokens"]
         try:
-            self.offsets = np.load(f"{prefix}.offsets.npy", mmap_mode="r")
+            self.offsets = np.load(paths["offsets.npy"], mmap_mode="r")
         except ValueError as e:
-            raise DataError(f"{prefix}.offsets.npy: not a numpy array file ({e})") from None
-        self.tokens = np.memmap(f"{prefix}.tokens.bin", dtype=np.dtype(self.meta["token_dtype"]), mode="r")
-        self.mask = np.memmap(f"{prefix}.mask.bin", dtype=np.uint8, mode="r")
+            raise DataError(f"{paths['offsets.npy']}: not a numpy array file ({e})") from None
+        self.tokens = np.memmap(paths["tokens.bin"], dtype=np.dtype(self.meta["token_dtype"]), mode="r")
+        self.mask = np.memmap(paths["mask.bin"], dtype=np.dtype(MASK_DTYPE), mode="r")
         problems = []
         if self.offsets.shape != (num_samples + 1,) or not np.issubdtype(self.offsets.dtype, np.integer):
             problems.append(f"offsets.npy has shape {self.offsets.shape} and dtype {self.offsets.dtype}, "
