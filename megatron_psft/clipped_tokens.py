@@ -1,32 +1,32 @@
-"""Report which tokens PSFT clips most: tables on stdout and, optionally, an SVG word cloud.
+"""clipped_tokens.jsonl, the per-step counts of the tokens PSFT clips: its line format, the writer the
+trainer uses (:class:`ClippedTokensWriter`) and the report (tables on stdout and, optionally, an SVG
+word cloud; ``megatron-psft-clipped-tokens``, or ``python tools/clipped_tokens.py`` from a checkout):
 
-    python tools/clipped_tokens.py --clipped-tokens SAVE/clipped_tokens.jsonl --tokenizer HF_DIR \\
+    megatron-psft-clipped-tokens --clipped-tokens SAVE/clipped_tokens.jsonl --tokenizer HF_DIR \\
         [--top 30] [--min-count 5] [--steps 100:200] [--image cloud.svg]
 
-Reads the ``clipped_tokens.jsonl`` that ``megatron_psft.train --log-clipped-tokens`` writes, one line
-per optimizer step: ``{"step": 7, "clipped": {"<token id>": count, ...}, "response": {...}}`` ("clipped":
-response tokens whose ratio p_new/p_old exceeded 1+eps_high; "response": all response tokens). Sums
-the counts over the chosen steps and prints the most clipped tokens, the tokens with the highest clip
-rate (clipped / occurrences, among tokens seen at least --min-count times) and a summary line.
-A step that appears twice (a run resumed from a checkpoint older than its last logged step) counts
-once, from its later line. The SVG needs nothing to render it but a browser.
+``megatron_psft.train --log-clipped-tokens`` writes the file next to the metrics file, one line per
+optimizer step: ``{"step": 7, "clipped": {"<token id>": count, ...}, "response": {...}}`` ("clipped":
+response tokens whose ratio p_new/p_old exceeded 1+eps_high; "response": all response tokens). The
+report sums the counts over the chosen steps and prints the most clipped tokens, the tokens with the
+highest clip rate (clipped / occurrences, among tokens seen at least --min-count times) and a summary
+line. A step that appears twice (a run resumed from a checkpoint older than its last logged step)
+counts once, from its later line. The SVG needs nothing to render it but a browser.
 """
 
 import argparse
 import json
 import math
 import os
-import sys
 import unicodedata
 from collections import Counter
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape
 
-try:
-    from megatron_psft.progress import ProgressBar, count_lines
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from megatron_psft.progress import ProgressBar, count_lines
+from megatron_psft.logger import drop_steps_after
+from megatron_psft.progress import ProgressBar, count_lines
+
+FILE_NAME = "clipped_tokens.jsonl"  # the trainer writes it in the metrics file's directory
 
 MAX_FONT_PX = 64.0
 MIN_FONT_PX = 10.0  # below this a word is unreadable; the only departure from size ~ sqrt(count)
@@ -52,6 +52,45 @@ class TokenRow(NamedTuple):
     @property
     def rate(self) -> float:
         return self.clipped / self.occurrences
+
+
+# --- the file: one line per step --------------------------------------------------------------------
+
+def path_next_to(metrics_file: str) -> str:
+    """Where the trainer writes the clipped-token counts of a run whose metrics go to `metrics_file`."""
+    return os.path.join(os.path.dirname(os.path.abspath(metrics_file)), FILE_NAME)
+
+
+def _nonzero_counts(counts) -> Dict[str, int]:
+    values = counts.tolist() if hasattr(counts, "tolist") else list(counts)
+    return {str(token_id): int(count) for token_id, count in enumerate(values) if count}
+
+
+def format_step_line(step: int, clipped_counts: Sequence, response_counts: Sequence) -> str:
+    """One step's line, newline included. The counts are indexed by token id (a vocabulary-long tensor
+    or sequence, as the loss's token histograms are); ids never counted are left out."""
+    return json.dumps({"step": step, "clipped": _nonzero_counts(clipped_counts),
+                       "response": _nonzero_counts(response_counts)}) + "\n"
+
+
+class ClippedTokensWriter:
+    """Appends one line per step to `path`. When the run resumes from the checkpoint of step
+    `resumed_step`, the lines of later steps (logged before the interruption, to be trained again)
+    are dropped first, so each step appears once."""
+
+    def __init__(self, path: str, resumed_step: Optional[int] = None):
+        if resumed_step is not None:
+            drop_steps_after(path, resumed_step)
+        self.file = open(path, "a")
+
+    def write(self, step: int, clipped_counts: Sequence, response_counts: Sequence) -> None:
+        """`step`: the optimizer step just trained, numbered from 1 as in metrics.jsonl. Flushed at once,
+        so the report can read a running job's file."""
+        self.file.write(format_step_line(step, clipped_counts, response_counts))
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 # --- reading --------------------------------------------------------------------------------------
@@ -345,7 +384,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
         return value
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Report which tokens PSFT clips most: tables on stdout and, optionally, an SVG word cloud.")
     parser.add_argument("--clipped-tokens", required=True, metavar="PATH", help="clipped_tokens.jsonl from the trainer")
     parser.add_argument("--tokenizer", required=True, metavar="DIR", help="HF tokenizer (or model) directory, loaded offline")
     parser.add_argument("--top", type=positive, default=30, metavar="N", help="rows per table and words in the cloud (default 30)")

@@ -1,7 +1,7 @@
-"""tools/clipped_tokens.py: the clipped-token tables, the SVG word cloud and the CLI's errors, on a
-synthetic clipped_tokens.jsonl with known counts over the bundled tokenizer."""
+"""megatron_psft/clipped_tokens.py: the writer's lines and resume, and the report (tools/clipped_tokens.py):
+the clipped-token tables, the SVG word cloud and the CLI's errors, on a synthetic clipped_tokens.jsonl with
+known counts over the bundled tokenizer."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +9,9 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
+import torch
 
+from megatron_psft import clipped_tokens
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "clipped_tokens.py")
 TOKENIZER = os.path.join(REPO, "megatron_psft", "assets", "tokenizer")
@@ -25,13 +27,6 @@ RESPONSE = {" the": 40, "<|im_end|>": 10, " capital": 100, "\n": 4, " Paris": 5,
 
 def run_tool(*args):
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, env=OFFLINE_ENV, timeout=120)
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("clipped_tokens", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -134,22 +129,20 @@ def test_svg_word_cloud(report, ids):
 
 
 def test_layout_never_overlaps_many_words():
-    tool = load_tool()
-    rows = [tool.TokenRow("▁" + "x" * (1 + i % 9), i, 1 + (i * 37) % 500, 1000) for i in range(80)]
+    rows = [clipped_tokens.TokenRow("▁" + "x" * (1 + i % 9), i, 1 + (i * 37) % 500, 1000) for i in range(80)]
     rows.sort(key=lambda row: -row.clipped)
-    boxes = [word.box() for word in tool.cloud_layout(rows)]
+    boxes = [word.box() for word in clipped_tokens.cloud_layout(rows)]
     assert len(boxes) == 80
-    assert not any(tool._overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert not any(clipped_tokens._overlaps(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
 
 
 def test_token_text():
     from transformers import AutoTokenizer
 
-    tool = load_tool()
-    assert tool.visible(" a\tb\nc\r\x00") == "▁a\\tb\\nc\\r\\x00"
+    assert clipped_tokens.visible(" a\tb\nc\r\x00") == "▁a\\tb\\nc\\r\\x00"
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     pieces = tokenizer.encode(" é", add_special_tokens=False)  # the tiny vocabulary splits 'é' into its bytes
-    assert [tool.token_text(tokenizer, i) for i in pieces] == ["▁", "\\xc3", "\\xa9"]
+    assert [clipped_tokens.token_text(tokenizer, i) for i in pieces] == ["▁", "\\xc3", "\\xa9"]
 
 
 @pytest.mark.parametrize("bad_line, reason", [
@@ -187,10 +180,32 @@ def test_missing_empty_and_out_of_range(tmp_path):
 
 
 def test_bad_tokenizer(tmp_path, capsys):
-    tool = load_tool()
     path = tmp_path / "clipped_tokens.jsonl"
     path.write_text('{"step": 1, "clipped": {"5000": 1}, "response": {"5000": 1}}\n')
     with pytest.raises(SystemExit, match="cannot load a tokenizer"):
-        tool.main(["--clipped-tokens", str(path), "--tokenizer", str(tmp_path / "no_tokenizer")])
+        clipped_tokens.main(["--clipped-tokens", str(path), "--tokenizer", str(tmp_path / "no_tokenizer")])
     with pytest.raises(SystemExit, match="5000 is beyond the tokenizer's 1000 ids"):
-        tool.main(["--clipped-tokens", str(path), "--tokenizer", TOKENIZER])
+        clipped_tokens.main(["--clipped-tokens", str(path), "--tokenizer", TOKENIZER])
+
+
+def test_writer_lines_and_resume(tmp_path):
+    """The trainer's lines: vocabulary-long float histograms (as the loss returns them) with the ids never
+    counted left out; a resumed run drops the lines after its checkpoint and the report counts each step once."""
+    path = str(tmp_path / clipped_tokens.FILE_NAME)
+    assert clipped_tokens.path_next_to(str(tmp_path / "metrics.jsonl")) == path
+    response = torch.tensor([3.0, 2.0, 0.0, 1.0, 0.0])
+    writer = clipped_tokens.ClippedTokensWriter(path)
+    for step in (1, 2, 3):
+        writer.write(step, torch.tensor([0.0, step, 0.0, 1.0, 0.0]), response)
+    writer.close()
+    with open(path) as f:
+        assert f.readline() == '{"step": 1, "clipped": {"1": 1, "3": 1}, "response": {"0": 3, "1": 2, "3": 1}}\n'
+
+    writer = clipped_tokens.ClippedTokensWriter(path, resumed_step=1)  # steps 2 and 3 are trained again
+    writer.write(2, [0, 0, 0, 1, 0], [1, 0, 0, 1, 0])
+    writer.close()
+    with open(path) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    counts = clipped_tokens.read_clipped_tokens(path)
+    assert counts.steps == [1, 2] and counts.repeated_steps == 0
+    assert counts.clipped == {1: 1, 3: 2} and counts.response == {0: 4, 1: 2, 3: 2}
