@@ -6,6 +6,13 @@ setup(
     description="Proximal Supervised Fine-Tuning (PSFT) for Mixture-of-Experts models on Megatron-Core",
     packages=find_packages(include=["megatron_psft*", "checkpoint_convert*"]),
     package_data={"megatron_psft": ["assets/**/*"]},
+    # The tools/ scripts, for an install without the checkout (tools/ is not a package).
+    entry_points={
+        "console_scripts": [
+            "megatron-psft-preprocess = megatron_psft.data.preprocess:main",
+            "megatron-psft-clipped-tokens = megatron_psft.clipped_tokens:main",
+        ],
+    },
     python_requires=">=3.10",
     # Cluster containers bring their own torch. megatron-core: the CPU suite runs 0.16.1 (Python 3.11)
     # and 0.19.2 (Python 3.12); cpu_compat refuses other versions on CPU.

@@ -1,9 +1,10 @@
 """megatron_psft/progress.py and the tools that use it: a live bar (count / total, rate) on stderr only
 when stderr is a terminal (a pseudo-terminal here), nothing on stderr otherwise, and the tools'
-periodic and summary lines for logs kept when there is no bar."""
+periodic and summary lines for logs kept when there is no bar. Also how the tools are installed: the
+console scripts setup.py declares, and the thin tools/ scripts of a checkout."""
 
 import contextlib
-import importlib.util
+import importlib.metadata
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 
 import pytest
 
+from megatron_psft.data import preprocess
 from megatron_psft.progress import ProgressBar, count_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,36 +172,57 @@ def test_clipped_tokens_bar_on_terminal(clipped_tokens_file):
     assert SUMMARY in result.stdout  # stdout is not the terminal: the report is as ever
 
 
-@pytest.fixture(scope="module")
-def preprocess_data():
-    spec = importlib.util.spec_from_file_location("preprocess_data", os.path.join(REPO, "tools", "preprocess_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_preprocess(preprocess_data, tmp_path):
+def run_preprocess(tmp_path):
     with open(CHAT_DATA, encoding="utf-8") as f:
         lines = [next(f) for _ in range(3)]
     (tmp_path / "in.jsonl").write_text(lines[0] + "\n" + "".join(lines[1:]))  # a blank line: 4 lines, 3 samples
-    preprocess_data.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
-                          "--tokenizer", TOKENIZER, "--seq-length", "128", "--log-interval", "1"])
+    preprocess.main(["--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                     "--tokenizer", TOKENIZER, "--seq-length", "128", "--log-interval", "1"])
 
 
-def test_preprocess_log_lines_without_terminal(preprocess_data, tmp_path, monkeypatch, capsys):
+def test_preprocess_log_lines_without_terminal(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    run_preprocess(preprocess_data, tmp_path)
+    run_preprocess(tmp_path)
     log = sys.stderr.getvalue()
     assert [line.split(",")[0] for line in log.splitlines()] == ["1 lines", "2 lines", "3 lines"], log
     assert "\r" not in log
     assert capsys.readouterr().out.startswith("done in ")
 
 
-def test_preprocess_bar_on_terminal(preprocess_data, tmp_path, monkeypatch, capsys):
+def test_preprocess_bar_on_terminal(tmp_path, monkeypatch, capsys):
     with terminal() as (stream, read):
         monkeypatch.setattr(sys, "stderr", stream)
-        run_preprocess(preprocess_data, tmp_path)
+        run_preprocess(tmp_path)
         out = read()
     assert "preprocessing:" in out and "/4" in out and "line/s" in out, repr(out)
     assert "lines, " not in out  # the bar replaces the periodic lines
     assert capsys.readouterr().out.startswith("done in ")
+
+
+# --- how the tools are installed ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def console_scripts(tmp_path_factory):
+    """setup.py's metadata as an install gets it: the console scripts (name -> entry point) and the
+    files the distribution ships."""
+    egg_base = tmp_path_factory.mktemp("egg_info")
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg_base)], cwd=REPO,
+                   check=True, capture_output=True, timeout=120)
+    (egg_info,) = egg_base.glob("*.egg-info")
+    distribution = importlib.metadata.PathDistribution(egg_info)
+    scripts = {entry.name: entry for entry in distribution.entry_points if entry.group == "console_scripts"}
+    return scripts, (egg_info / "SOURCES.txt").read_text().split()
+
+
+@pytest.mark.parametrize("script, module, tool, flag", [
+    ("megatron-psft-preprocess", "megatron_psft.data.preprocess", "preprocess_data.py", "--output-prefix"),
+    ("megatron-psft-clipped-tokens", "megatron_psft.clipped_tokens", "clipped_tokens.py", "--clipped-tokens"),
+])
+def test_console_scripts_resolve_and_the_tools_scripts_run(console_scripts, script, module, tool, flag):
+    scripts, shipped = console_scripts
+    assert scripts[script].module == module and scripts[script].load() is importlib.import_module(module).main
+    assert module.replace(".", "/") + ".py" in shipped  # a non-editable install has the code behind the script
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", tool), "--help"], capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {tool} ") and flag in result.stdout
