@@ -205,6 +205,7 @@ def test_preprocess_bar_on_terminal(tmp_path, monkeypatch, capsys):
 def console_scripts(tmp_path_factory):
     """setup.py's metadata as an install gets it: the console scripts (name -> entry point) and the
     files the distribution ships."""
+    pytest.importorskip("setuptools", reason="setup.py needs setuptools to write its metadata")
     egg_base = tmp_path_factory.mktemp("egg_info")
     subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg_base)], cwd=REPO,
                    check=True, capture_output=True, timeout=120)
