@@ -36,8 +36,10 @@ def _peak_rss_bytes() -> int:
 def _run_method(method, tokens, vocab, dtype_name, repeats, hidden_size):
     import torch
 
+    from megatron_psft.precision import parse_dtype
+
     torch.manual_seed(0)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    dtype = parse_dtype(dtype_name)
     labels = torch.randint(0, vocab, (tokens, 1))
     upstream = torch.randn(tokens, 1)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -122,10 +124,11 @@ def _cuda_bench(args):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     from megatron_psft import parallel, vocab_parallel_logprobs
     from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs
+    from megatron_psft.precision import parse_dtype
 
     parallel.initialize(parallel.ParallelLayout())  # Megatron's cross entropy reads its TP group
     device = torch.device("cuda")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     generator = torch.Generator(device).manual_seed(0)
     tokens, vocab = args.tokens, args.vocab
     logits = torch.randn(tokens, vocab, dtype=dtype, device=device, generator=generator).requires_grad_()

@@ -84,9 +84,9 @@ def _bench(args, train_flags, work):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{device}: K = {args.interval}, {args.rounds} timed rounds of {args.interval} steps, global batch "
           f"{args.global_batch_size} x seq {args.seq_length}, hidden {WIDE_CONFIG['hidden_size']}")
-    print(f"{'variant':<16}{'mean step s':>13}{'/ sft':>8}")
+    print(f"{'variant':<24}{'mean step s':>13}{'/ sft':>8}")
     for name, times in results.items():
-        print(f"{name:<16}{statistics.mean(times):>13.3f}{statistics.mean(times) / sft:>8.3f}")
+        print(f"{name:<24}{statistics.mean(times):>13.3f}{statistics.mean(times) / sft:>8.3f}")
     floor = 1 + (args.interval - 1) / args.interval / 3
     print(f"floor with reuse (forward = 1/3 of a step): {floor:.3f}; target <= 1.30")
 

@@ -10,18 +10,11 @@ from typing import Optional
 
 import torch
 
+from megatron_psft.precision import DTYPES
 from megatron_psft.progress import ProgressBar, is_terminal
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
 
 
 def config_dtype(hf_config: dict) -> Optional[torch.dtype]:

@@ -17,11 +17,12 @@ from typing import List, Optional
 
 import torch
 
-from checkpoint_convert.common import Progress, config_dtype, parse_dtype, parse_size, staged_output
+from checkpoint_convert.common import Progress, config_dtype, parse_size, staged_output
 from checkpoint_convert.safetensors_io import ShardedSafetensorsWriter
 from megatron_psft import checkpoint, parallel
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config
 from megatron_psft.models.qwen3_moe import state_dict_adapter as adapter
+from megatron_psft.precision import parse_dtype
 
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")

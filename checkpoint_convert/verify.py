@@ -18,9 +18,10 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from checkpoint_convert.common import parse_dtype
 from megatron_psft import checkpoint, parallel
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, transformer_config
+from megatron_psft.precision import parse_dtype
+from megatron_psft.step import model_forward, run_schedule
 
 DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n",
                    "Proximal supervised fine-tuning keeps the policy close to")
@@ -47,7 +48,6 @@ def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> Optional[t
     With sequence parallelism the sequence is right-padded to a multiple of TP; causal attention
     keeps padding out of the real positions, which are the ones returned."""
     from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = tokens.shape
     tp = parallel_state.get_tensor_model_parallel_world_size()
@@ -55,19 +55,16 @@ def megatron_logits(chunks, tokens: torch.Tensor, vocab_size: int) -> Optional[t
     device = parallel.device()
     padded = torch.zeros(batch, padded_seq, dtype=torch.long)
     padded[:, :seq] = tokens
-    padded = padded.to(device)
-    position_ids = torch.arange(padded_seq, device=device).expand(batch, padded_seq).contiguous()
+    segment_ids = torch.full((batch, padded_seq), -1, dtype=torch.long)
+    segment_ids[:, :seq] = torch.arange(batch)[:, None]
+    micro_batch = {"tokens": padded.to(device), "segment_ids": segment_ids.to(device),
+                   "position_ids": torch.arange(padded_seq, device=device).expand(batch, padded_seq).contiguous()}
 
     def forward_step(data_iterator, model):
-        next(data_iterator)
-        return model(padded, position_ids, attention_mask=None), None  # no loss: the schedule keeps outputs
+        return model_forward(model, next(data_iterator)), None  # no loss: the schedule keeps outputs
 
     with torch.no_grad():
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter([None]) for _ in chunks] if len(chunks) > 1 else iter([None]),
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=1, seq_length=padded_seq, micro_batch_size=batch, forward_only=True)
+        outputs = run_schedule(chunks, [micro_batch], forward_step, forward_only=True)
     if not parallel.is_last_stage():
         return None
     logits = tensor_parallel.gather_from_tensor_model_parallel_region(outputs[0])
@@ -131,7 +128,7 @@ def main(argv=None) -> int:
         sequence_parallel=options.sequence_parallel or (tp > 1 and args.is_moe))
     parallel.initialize(layout)
     _, chunks = load_megatron(source, layout, params_dtype=dtype)
-    is_reporter = dist.get_rank() == dist.get_world_size() - 1  # on the last pipeline stage
+    is_reporter = parallel.is_reporting_rank()  # on the last pipeline stage
     reference = HFReference(options.hf_dir, dtype) if is_reporter else None
     worst = 0.0
     for label, tokens in prompt_tokens(options.hf_dir, options.prompts, args.vocab_size):

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_psft import parallel
 from megatron_psft.optimizer import unwrap
 from megatron_psft.run_config import write_run_config
 
@@ -266,3 +267,72 @@ def read_hf_config(path: str) -> dict:
     direct = os.path.join(path, HF_CONFIG_FILE)
     with open(direct if os.path.isfile(direct) else os.path.join(resolve(path), HF_CONFIG_FILE)) as f:
         return json.load(f)
+
+
+# --- resume rules ----------------------------------------------------------------------------------
+# Settings a resumed run must share with its checkpoint: they place the data and the old-policy round.
+RESUME_INVARIANTS = ("seed", "global_batch_size", "micro_batch_size", "seq_length", "pack_sequences", "objective",
+                     "old_policy_interval", "sft_warmup_steps", "data_prefix")
+# Settings the optimizer state and the per-rank state are laid out by: changing one needs
+# --no-load-optim or --finetune (the weights themselves are layout-free).
+LAYOUT_INVARIANTS = ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
+                     "expert_tensor_parallel_size", "params_dtype", "fp8_format", "fp8_recipe",
+                     "use_distributed_optimizer")
+# The learning-rate / weight-decay schedule's settings, as OptimizerParamScheduler saves them.
+SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd",
+                 "wd_incr_steps", "wd_incr_style")
+
+
+def trainer_state(args, step: int) -> dict:
+    """What a checkpoint records of the run: its step and the settings a resume is checked against."""
+    settings = {key: getattr(args, key) for key in RESUME_INVARIANTS + LAYOUT_INVARIANTS if key != "world_size"}
+    return {"step": step, "world_size": dist.get_world_size(), **settings}
+
+
+def check_resume(args, saved_trainer_state: dict, saved_schedule: dict, schedule: dict) -> None:
+    """Refuse a resume whose settings differ from its checkpoint's, saying what changed and how to go on."""
+    def changed(keys):
+        now = {**vars(args), "world_size": dist.get_world_size()}
+        return {key: (saved_trainer_state[key], now[key]) for key in keys
+                if key in saved_trainer_state and saved_trainer_state[key] != now[key]}
+
+    data_settings = changed(RESUME_INVARIANTS)
+    if data_settings:  # the data position and the saved old-policy round depend on them
+        raise ValueError(f"resuming needs the checkpoint's settings; changed (saved, now): {data_settings}")
+    if args.no_load_optim:
+        return
+    layout = changed(LAYOUT_INVARIANTS)
+    if layout:
+        raise ValueError(f"the checkpoint's optimizer and per-rank state were saved at another layout / precision; "
+                         f"changed (saved, now): {layout}. To continue from its weights, pass --no-load-optim "
+                         f"(keeps the step and the schedule) or --finetune (starts at step 0)")
+    schedule_changes = {key: (saved_schedule[key], schedule[key]) for key in SCHEDULE_KEYS
+                        if key in saved_schedule and saved_schedule[key] != schedule[key]}
+    if schedule_changes and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+        raise ValueError(f"the learning-rate schedule of the flags differs from the checkpoint's; changed (saved, now): "
+                         f"{schedule_changes}. Pass --override-opt-param-scheduler to follow the flags (e.g. a longer "
+                         f"--train-iters) or --use-checkpoint-opt-param-scheduler to keep the checkpoint's")
+
+
+# --- per-rank state --------------------------------------------------------------------------------
+def capture_rank_state(old_policy_state: dict) -> dict:
+    """This rank's RNG states and old-policy round, as a checkpoint's rank_state file holds them."""
+    from megatron.core import tensor_parallel
+
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": None if parallel.use_cpu() else torch.cuda.get_rng_state(),
+        "tracker_rng": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        "old_policy": old_policy_state,
+    }
+
+
+def restore_rng_states(rank_state: dict) -> None:
+    """The RNG states of :func:`capture_rank_state`; they stay on the host, as saved."""
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(rank_state["torch_rng"])
+    if rank_state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(rank_state["cuda_rng"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker_rng"])

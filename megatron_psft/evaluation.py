@@ -9,7 +9,7 @@ optimizer or RNG state is touched.
 
 Exact under every layout: the sums of NLL and entropy and the token count are summed over the
 micro-batches and data-parallel ranks on the last pipeline stage, then shared with every stage
-(:func:`megatron_psft.step._reduce_over_stages`), so every rank returns the same numbers. Batches
+(:func:`megatron_psft.step.reduce_over_stages`), so every rank returns the same numbers. Batches
 are reduced one at a time and accumulated on the host in float64: Megatron's metric reduction is
 fp32, which counts tokens exactly only up to 2**24, a bound a whole evaluation set can pass.
 """
@@ -21,9 +21,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from megatron_psft import parallel
-from megatron_psft.batching import Batching, rank_micro_batches
+from megatron_psft.data.batching import Batching, rank_micro_batches
 from megatron_psft.data import SFTDataset
-from megatron_psft.step import _forward, _logprobs_of, _reduce_over_stages, _run_schedule
+from megatron_psft.step import output_logprobs, reduce_over_stages, run_schedule, stage_output
 
 # Set names become metric keys (eval/NAME/nll) and TensorBoard tags.
 _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -33,7 +33,7 @@ _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 class EvalSettings:
     """How evaluation batches a set: its stored order, `global_batch_size` samples per batch (the
     last may be short), the first `eval_iters` batches (None: the whole set), padded or packed into
-    micro-batches as training does (:mod:`megatron_psft.batching`); log-probs from the logits or, with
+    micro-batches as training does (:mod:`megatron_psft.data.batching`); log-probs from the logits or, with
     `fused_logprobs`, fused with the output layer as training takes them."""
 
     seq_length: int
@@ -103,8 +103,8 @@ def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, voc
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
-        output = _forward(model, micro_batch, settings.fused_logprobs)
-        logprobs_of = _logprobs_of(model, micro_batch, vocab_size, settings.fused_logprobs, with_entropy=True)
+        output = stage_output(model, micro_batch, settings.fused_logprobs)
+        logprobs_of = output_logprobs(model, micro_batch, vocab_size, settings.fused_logprobs, with_entropy=True)
         return output, lambda output: loss_func(logprobs_of, micro_batch["loss_mask"], output)
 
     batching = Batching(settings.seq_length, settings.micro_batch_size, dataset.meta["pad_id"], settings.pack,
@@ -113,8 +113,8 @@ def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, voc
     for indices in eval_batches(len(dataset), settings.global_batch_size, settings.eval_iters):
         micro_batches = rank_micro_batches(dataset, indices, batching, parallel.device())
         with torch.no_grad():
-            per_microbatch = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
-        batch = _reduce_over_stages(per_microbatch)
+            per_microbatch = run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
+        batch = reduce_over_stages(per_microbatch)
         for key in totals:
             totals[key] += batch[key]
     tokens = int(totals["tokens_total"])

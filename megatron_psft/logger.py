@@ -12,7 +12,7 @@ import warnings
 from typing import TYPE_CHECKING, Dict, List, Optional
 from urllib.parse import urlparse
 
-import torch.distributed as dist
+from megatron_psft import parallel
 
 if TYPE_CHECKING:  # evaluation imports Megatron-Core; the logger must not
     from megatron_psft.evaluation import EvalResult
@@ -88,7 +88,7 @@ class MetricsLogger:
     def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], train_steps: int,
                  resumed_step: Optional[int] = None, log_interval: int = 1, jsonl_every_interval: bool = False,
                  wandb: Optional[dict] = None):
-        self.active = not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+        self.active = parallel.is_reporting_rank()
         self.train_steps, self.log_interval, self.jsonl_every_interval = train_steps, log_interval, jsonl_every_interval
         self.jsonl = self.writer = self.wandb_run = None
         self.pending: List[Dict[str, object]] = []

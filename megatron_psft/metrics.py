@@ -128,3 +128,21 @@ def model_flops_per_token(args, seq_length: int) -> float:
     causal_attention = 2 * q_width * seq_length  # QK^T and AV, halved by the causal mask, x2 FLOPs/MAC
     per_layer = 2 * (attention_params + mlp_params) + causal_attention
     return args.num_layers * per_layer + 2 * args.hidden_size * args.vocab_size
+
+
+def global_real_tokens(micro_batches) -> int:
+    """Input positions of this step's global batch that belong to a sample (padding has no segment);
+    collective over the data-parallel group."""
+    local = sum(int((micro_batch["segment_ids"] >= 0).sum()) for micro_batch in micro_batches)
+    total = torch.tensor(float(local), device=parallel.device())
+    dist.all_reduce(total, group=parallel.data_group())
+    return int(total)
+
+
+def throughput(real_tokens: int, rows: int, seq_length: int, forward_passes: int, flops_per_token: float,
+               seconds: float) -> dict:
+    """``tokens_per_s`` (real tokens) and ``tflops_per_gpu`` over the `rows` of `seq_length` computed in
+    `forward_passes` forward-equivalents per row (training forward + backward count 3)."""
+    return {"tokens_per_s": real_tokens / seconds,
+            "tflops_per_gpu": rows * forward_passes * seq_length * flops_per_token / seconds
+            / dist.get_world_size() / 1e12}

@@ -12,7 +12,20 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-OLD_IS_CURRENT = "current"
+import torch
+
+
+@dataclass(frozen=True)
+class OldPolicyOutputs:
+    """What a training step gets from the old policy: per micro-batch, the old log-probs (last stage) and
+    the recorded routing; or nothing, when the step's weights are the old policy (a round's first step
+    with reuse) and its training forward's own log-probs, detached, are the old ones."""
+
+    per_micro_batch: Optional[List[dict]] = None
+
+    @property
+    def old_is_current(self) -> bool:
+        return self.per_micro_batch is None
 
 
 @dataclass(frozen=True)
@@ -55,14 +68,14 @@ class OldPolicy:
         self.last_pass_steps = 0  # global batches the last for_step call ran forward-only
 
     def for_step(self, step: int, compute: Callable[[int], List[dict]],
-                 compute_frozen: Optional[Callable[[int], List[dict]]] = None):
-        """The old-policy outputs of `step`, or OLD_IS_CURRENT; runs the round's pass when one is due."""
+                 compute_frozen: Optional[Callable[[int], List[dict]]] = None) -> OldPolicyOutputs:
+        """The old-policy outputs of `step`; runs the round's pass when one is due."""
         self.last_pass_seconds, self.last_pass_steps = 0.0, 0
         if self.schedule.old_is_current(step):
             self.outputs.clear()
             if self.schedule.interval is not None:
                 self._run_pass([s for s in self.schedule.round_steps(step) if s != step], compute)
-            return OLD_IS_CURRENT
+            return OldPolicyOutputs()
         if self.schedule.interval is None:
             if compute_frozen is None:
                 raise ValueError("a never-refreshed old policy needs its frozen copy")
@@ -71,7 +84,7 @@ class OldPolicy:
             # A round start without reuse, or a resume whose checkpoint had no pass for this step.
             self.outputs.clear()
             self._run_pass([s for s in self.schedule.round_steps(step) if s >= step], compute)
-        return self.outputs.pop(step)
+        return OldPolicyOutputs(self.outputs.pop(step))
 
     def _run_pass(self, steps: List[int], compute) -> None:
         start = time.perf_counter()
@@ -85,3 +98,16 @@ class OldPolicy:
 
     def load_state_dict(self, state: dict) -> None:
         self.outputs = dict(state["outputs"])
+
+
+def freeze_copy(source_chunks, target_chunks) -> None:
+    """Copy the weights of `source_chunks` (wrapped or not) into `target_chunks` (same layout) and freeze
+    them: the never-refreshed old policy, or sft-kl's and iw-sft's reference."""
+    from megatron_psft.optimizer import unwrap
+
+    with torch.no_grad():
+        for source, target in zip(source_chunks, target_chunks):
+            target.load_state_dict(unwrap(source).state_dict(), strict=True)
+            target.eval()
+            for param in target.parameters():
+                param.requires_grad_(False)

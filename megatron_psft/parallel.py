@@ -21,7 +21,6 @@ class ParallelLayout:
     expert: int = 1
     expert_tensor: Optional[int] = None  # None: same as `tensor`
     virtual_pipeline: Optional[int] = None
-    context: int = 1
     sequence_parallel: bool = False
 
     def __post_init__(self):
@@ -29,9 +28,9 @@ class ParallelLayout:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
     def data_parallel_size(self, world_size: int) -> int:
-        model_parallel = self.tensor * self.pipeline * self.context
+        model_parallel = self.tensor * self.pipeline
         if world_size % model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by TP x PP x CP = {model_parallel} "
+            raise ValueError(f"world size {world_size} is not divisible by TP x PP = {model_parallel} "
                              "(--tensor-model-parallel-size x --pipeline-model-parallel-size)")
         return world_size // model_parallel
 
@@ -79,7 +78,6 @@ def initialize(layout: ParallelLayout, seed: int = 1234) -> None:
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor,
-        context_parallel_size=layout.context,
     )
     # Offset by pipeline stage, as Megatron-LM does, so stages do not initialise identical layers.
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -130,9 +128,14 @@ def device() -> torch.device:
     return torch.device("cpu") if use_cpu() else torch.device("cuda", torch.cuda.current_device())
 
 
+def is_reporting_rank() -> bool:
+    """The rank that prints and writes metrics: the last, which holds the last pipeline stage (the loss)."""
+    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+
+
 def print_rank_last(*args) -> None:
     """Print on the last rank, which is on the last pipeline stage where losses live."""
-    if not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1:
+    if is_reporting_rank():
         print(*args, flush=True)
 
 

@@ -26,7 +26,6 @@ class StepResult:
     metrics: Dict[str, Optional[float]]  # reduced over the global batch; identical on every rank
     grad_norm: Optional[float]
     learning_rate: float
-    num_tokens: int
     routing_flip_fraction: Optional[float] = None  # old-policy top-k choices the training pass did not route to
 
 
@@ -55,7 +54,7 @@ def _padding_mask(model, micro_batch) -> Optional[torch.Tensor]:
     return padding
 
 
-def _model_forward(model, micro_batch):
+def model_forward(model, micro_batch):
     """Padded rows need no attention mask: the padding is on the right, after every real token of its row,
     and the loss mask drops it. Packed rows keep attention within each sample: TE's THD attention with the
     samples' boundaries (which also restarts the RoPE positions), or on the local spec a block-diagonal
@@ -81,16 +80,16 @@ def _model_forward(model, micro_batch):
     return model(tokens, position_ids, attention_mask=masked, padding_mask=padding_mask)
 
 
-def _forward(model, micro_batch, fused_logprobs: bool):
+def stage_output(model, micro_batch, fused_logprobs: bool):
     """The model's output for a micro-batch: on the last stage the vocab-parallel logits, or with
     `fused_logprobs` the final hidden states (the output layer is applied inside the fused log-probs)."""
     if not fused_logprobs:
-        return _model_forward(model, micro_batch)
+        return model_forward(model, micro_batch)
     with output_hidden_states(model):
-        return _model_forward(model, micro_batch)
+        return model_forward(model, micro_batch)
 
 
-def _logprobs_of(model, micro_batch, vocab_size: int, fused_logprobs: bool, with_entropy: bool):
+def output_logprobs(model, micro_batch, vocab_size: int, fused_logprobs: bool, with_entropy: bool):
     """The function from the last stage's output (:func:`_forward`) to the log-probs ``[b, s]`` of the
     micro-batch's labels, and with `with_entropy` their entropy."""
     labels = micro_batch["labels"]
@@ -111,7 +110,7 @@ def _logprobs_of(model, micro_batch, vocab_size: int, fused_logprobs: bool, with
     return logprobs_of
 
 
-def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
+def run_schedule(model_chunks, micro_batches, forward_step, forward_only):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     first = micro_batches[0]
@@ -131,13 +130,13 @@ def _run_schedule(model_chunks, micro_batches, forward_step, forward_only):
 
 
 def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], objective: ObjectiveConfig,
-               vocab_size: int, token_histograms: bool = False, replays=None, replay_routing: bool = False,
+               vocab_size: int, token_histograms: bool = False, routers=None, replay_routing: bool = False,
                timers: Optional[Timers] = None, fused_logprobs: bool = False) -> StepResult:
     """Forward and backward over this rank's micro-batches of one global batch, then one optimizer step.
 
     Each micro-batch dict holds ``tokens``, ``position_ids``, ``labels``, ``loss_mask`` and, as the
     objective needs, ``old_logprobs`` (or ``old_is_current``) and ``reference_logprobs``. With
-    `replays` (the policy's routers, :func:`routing.routers`) and a micro-batch ``routing`` from the
+    `routers` (the policy's, :func:`routing.routers`) and a micro-batch's ``old_routing`` from the
     old-policy pass, the forward replays that routing if `replay_routing`, and either way counts the
     choices of it that the forward did not route to (``routing_flip_fraction``: 0 under replay).
     `fused_logprobs` computes the log-probs from the final hidden states without materialising the logits.
@@ -145,34 +144,33 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    flips = torch.zeros(2, device=parallel.device())
+    flipped = torch.zeros(2, device=parallel.device())  # [choices that moved, choices compared]
 
     def forward_step(data_iterator, model):
-        nonlocal flips
+        nonlocal flipped
         micro_batch = next(data_iterator)
-        old_routing = micro_batch.get("routing") if replays else None
+        old_routing = micro_batch.get("old_routing") if routers else None
         if old_routing is not None and replay_routing:
-            routing.replay(replays, old_routing)
-        output = _forward(model, micro_batch, fused_logprobs)
+            routing.replay(routers, old_routing)
+        output = stage_output(model, micro_batch, fused_logprobs)
         if old_routing is not None:
-            flips += routing.flipped_choices(replays, old_routing)
+            flipped += routing.flipped_choices(routers, old_routing)
         return output, make_loss_func(
             objective, micro_batch["labels"], micro_batch["loss_mask"], vocab_size,
             old_logprobs=micro_batch.get("old_logprobs"),
             reference_logprobs=micro_batch.get("reference_logprobs"),
             old_is_current=micro_batch.get("old_is_current", False),
             token_histograms=token_histograms,
-            logprobs_of=_logprobs_of(model, micro_batch, vocab_size, fused_logprobs, with_entropy=True),
+            logprobs_of=output_logprobs(model, micro_batch, vocab_size, fused_logprobs, with_entropy=True),
         )
 
     timers = timers or Timers(0)
     with timers("forward-backward"):
-        per_microbatch = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=False)
-    if replays:
-        routing.stop(replays)
-    metrics = _reduce_over_stages(per_microbatch)
-    num_tokens = int(metrics["trained_tokens_total"])
-    if num_tokens == 0:
+        per_microbatch = run_schedule(model_chunks, micro_batches, forward_step, forward_only=False)
+    if routers:
+        routing.stop(routers)
+    metrics = reduce_over_stages(per_microbatch)
+    if metrics["trained_tokens_total"] == 0:
         raise ValueError("the global batch has no response tokens (every loss_mask is 0): nothing to train on")
     with timers("optimizer"):
         scheduler.step(1)  # the learning rate of step n is that of n + 1 scheduler steps: warm-up starts above 0
@@ -181,15 +179,15 @@ def train_step(model_chunks, optimizer, scheduler, micro_batches: List[dict], ob
         raise FloatingPointError(f"optimizer step failed (grad norm {grad_norm})")
     grad_norm = None if grad_norm is None else float(grad_norm)  # None: --clip-grad 0 without a norm
     flip_fraction = None
-    if replays and any("routing" in mb for mb in micro_batches):
-        dist.all_reduce(flips)  # every stage routes its own layers
-        flip_fraction = float(flips[0] / flips[1]) if flips[1] else None
-    return StepResult(metrics, grad_norm, optimizer.param_groups[0]["lr"], num_tokens, flip_fraction)
+    if routers and any("old_routing" in micro_batch for micro_batch in micro_batches):
+        dist.all_reduce(flipped)  # every stage routes its own layers
+        flip_fraction = float(flipped[0] / flipped[1]) if flipped[1] else None
+    return StepResult(metrics, grad_norm, optimizer.param_groups[0]["lr"], flip_fraction)
 
 
-def forward_only_pass(model_chunks, micro_batches: List[dict], vocab_size: int, replays=None,
+def forward_only_pass(model_chunks, micro_batches: List[dict], vocab_size: int, routers=None,
                       fused_logprobs: bool = False) -> List[dict]:
-    """Per micro-batch: ``logprobs [b, s]`` of its labels (last stage only) and, with `replays`, the
+    """Per micro-batch: ``logprobs [b, s]`` of its labels (last stage only) and, with `routers`, the
     ``routing`` each of this rank's routers chose."""
     results = [{} for _ in micro_batches]
     position = iter(results)
@@ -200,18 +198,18 @@ def forward_only_pass(model_chunks, micro_batches: List[dict], vocab_size: int, 
 
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
-        if replays:
-            routing.start_recording(replays)
-        output = _forward(model, micro_batch, fused_logprobs)
-        if replays:
-            next(position)["routing"] = routing.recorded(replays)
+        if routers:
+            routing.start_recording(routers)
+        output = stage_output(model, micro_batch, fused_logprobs)
+        if routers:
+            next(position)["routing"] = routing.recorded(routers)
         return output, functools.partial(
-            loss_func, _logprobs_of(model, micro_batch, vocab_size, fused_logprobs, with_entropy=False))
+            loss_func, output_logprobs(model, micro_batch, vocab_size, fused_logprobs, with_entropy=False))
 
     with torch.no_grad():
-        outputs = _run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
-    if replays:
-        routing.stop(replays)
+        outputs = run_schedule(model_chunks, micro_batches, forward_step, forward_only=True)
+    if routers:
+        routing.stop(routers)
     if parallel.is_last_stage():
         for result, output in zip(results, outputs):
             result["logprobs"] = output["logprobs"].float()
@@ -225,12 +223,12 @@ def policy_logprobs(model_chunks, micro_batches: List[dict], vocab_size: int,
     return [result["logprobs"] for result in results] if parallel.is_last_stage() else None
 
 
-def _reduce_over_stages(per_microbatch: List[dict]) -> Dict[str, float]:
+def reduce_over_stages(per_microbatch: List[dict]) -> Dict[str, float]:
     """Metrics live on the last stage: reduce them over data-parallel ranks there, then share them
     with the other stages so every rank returns the same numbers."""
     result = reduce_metrics(per_microbatch, parallel.data_group()) if parallel.is_last_stage() else None
-    holder = [result]
+    shared = [result]
     group = parallel.pipeline_group()
     last = dist.get_global_rank(group, dist.get_world_size(group) - 1)
-    dist.broadcast_object_list(holder, src=last, group=group)
-    return holder[0]
+    dist.broadcast_object_list(shared, src=last, group=group)
+    return shared[0]

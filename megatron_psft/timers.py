@@ -6,6 +6,7 @@ phases of a step (data, old-policy pass, forward-backward, optimizer, checkpoint
 synchronising the device at each boundary so a phase's time is its own.
 """
 
+import os
 import statistics
 import time
 from typing import Dict, List, Optional
@@ -109,3 +110,30 @@ class Timers:
             return (f"straggler: rank {slowest}'s forward-backward took {times[slowest]:.3f} s, "
                     f"{times[slowest] / median:.1f}x the median {median:.3f} s")
         return None
+
+
+class Profiler:
+    """--profile: the PyTorch profiler over steps --profile-step-start..--profile-step-end (1-based),
+    one Chrome trace per rank; CUDA kernels too on a GPU."""
+
+    def __init__(self, start_step: int, end_step: int, directory: str):
+        self.start, self.end, self.directory = start_step, end_step, directory
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.profile = torch.profiler.profile(activities=activities, record_shapes=True)
+        self.running = False
+
+    def before_step(self, step: int) -> None:
+        if step == self.start:
+            self.profile.start()
+            self.running = True
+
+    def after_step(self, step: int) -> None:
+        if self.running and step == self.end:
+            self.profile.stop()
+            self.running = False
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, f"trace_rank{dist.get_rank():05d}.json")
+            self.profile.export_chrome_trace(path)
+            parallel.print_rank_last(f"profile of steps {self.start}-{self.end} written to {self.directory}")

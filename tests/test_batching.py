@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron_psft.batching import (Batching, pack_order, rank_micro_batches, regroup, sample_boundaries,
+from megatron_psft.data.batching import (Batching, pack_order, rank_micro_batches, regroup, sample_boundaries,
                                    shares_of_data_ranks)
 
 PAD = 0

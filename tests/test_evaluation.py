@@ -161,7 +161,7 @@ def _train_two_steps(paths, with_eval):
     every set before each step. Returns each step's loss, grad norm and MoE load balance, the final
     weights, and (with evaluation) whether each evaluation left the state as it found it."""
     from megatron_psft import parallel
-    from megatron_psft.batching import Batching, rank_micro_batches
+    from megatron_psft.data.batching import Batching, rank_micro_batches
     from megatron_psft.evaluation import EvalSettings, evaluate
     from megatron_psft.metrics import moe_load_balance
     from megatron_psft.objectives import ObjectiveConfig

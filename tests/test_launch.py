@@ -13,7 +13,7 @@ from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, transfo
 from megatron_psft.parallel import ParallelLayout
 from megatron_psft.plan import Sizes, memory_per_gpu, parameters_per_gpu
 from megatron_psft.platform import MIN_TRANSFORMER_ENGINE, Platform
-from megatron_psft.train import parse_args
+from megatron_psft.arguments import parse_args
 
 GPU_NO_TE = Platform(cuda=True, transformer_engine=None, megatron_core="0.19.2", assumed=True)
 GPU_TE = Platform(cuda=True, transformer_engine=MIN_TRANSFORMER_ENGINE, megatron_core="0.19.2", assumed=True)
@@ -212,7 +212,7 @@ def test_resume_keeps_rng_states_on_the_host_and_moves_the_old_policy_to_the_dev
     trainer.model = trainer.optimizer = trainer.frozen = None
     trainer.scheduler = type("Scheduler", (), {"state_dict": lambda self: {}})()
     trainer.old_policy = _OldPolicy()
-    monkeypatch.setattr("megatron_psft.train.dist.get_world_size", lambda: 1)
+    monkeypatch.setattr("megatron_psft.checkpoint.dist.get_world_size", lambda: 1)
     trainer._resume(str(tmp_path))
     assert trainer.step == 3
     assert restored["model-parallel-rng"].device.type == "cpu"
@@ -235,7 +235,7 @@ def test_setup_declares_the_transformer_engine_the_platform_requires():
     (dict(vocab_size=1000, seq_length=256), "preprocessed for --seq-length 256 > 128"),
 ])
 def test_data_that_does_not_fit_is_refused(meta, message):
-    from megatron_psft.train import check_data
+    from megatron_psft.arguments import check_data
 
     args = parse_args(["--train-iters", "4", "--data-prefix", "/data/chat", "--seq-length", "128"])
     with pytest.raises(ValueError, match=message):

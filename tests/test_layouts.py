@@ -73,7 +73,7 @@ def _run_layout(name, checkpoint_root, args, hf_config):
     for _ in range(2):
         result = train_step(chunks, optimizer, scheduler, micro_batches, ObjectiveConfig("psft"), args.vocab_size)
         steps.append(dict(loss=result.metrics["loss"], grad_norm=result.grad_norm,
-                          clip_fraction=result.metrics["clip_fraction"], tokens=result.num_tokens))
+                          clip_fraction=result.metrics["clip_fraction"], tokens=int(result.metrics["trained_tokens_total"])))
     local_tokens = int(batch["loss_mask"][rows.start:rows.stop].sum())
     parallel.destroy()
     return dict(steps=steps, local_tokens=local_tokens, dp_rank=dp_rank)

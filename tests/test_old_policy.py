@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from megatron_psft.old_policy import OLD_IS_CURRENT, OldPolicy, RoundSchedule
+from megatron_psft.old_policy import OldPolicy, RoundSchedule
+
+CURRENT = "current"  # in the records below: the step's training forward gave its old log-probs
 
 
 class Passes:
@@ -22,7 +24,7 @@ def _run(schedule, steps, start=0, policy=None):
     current, frozen, used = Passes("current"), Passes("frozen"), {}
     for step in range(start, steps):
         old = policy.for_step(step, current, frozen)
-        used[step] = old if old == OLD_IS_CURRENT else float(old[0])
+        used[step] = CURRENT if old.old_is_current else float(old.per_micro_batch[0])
         current.version += 1  # the optimizer step changes the weights
     return policy, current, frozen, used
 
@@ -31,7 +33,7 @@ def test_rounds_of_eight_reuse_the_first_step_and_run_one_pass_per_round():
     _, current, frozen, used = _run(RoundSchedule(8), 16)
     assert current.steps == list(range(1, 8)) + list(range(9, 16))
     assert frozen.steps == []
-    assert used[0] == used[8] == OLD_IS_CURRENT
+    assert used[0] == used[8] == CURRENT
     assert all(used[s] == 0 for s in range(1, 8))  # computed with the round-start weights
     assert all(used[s] == 8 for s in range(9, 16))
 
@@ -39,7 +41,7 @@ def test_rounds_of_eight_reuse_the_first_step_and_run_one_pass_per_round():
 def test_without_reuse_the_pass_covers_the_first_step_too():
     _, current, _, used = _run(RoundSchedule(4, reuse_first_step=False), 8)
     assert current.steps == list(range(0, 8))
-    assert used[0] == 0 and used[4] == 4 and OLD_IS_CURRENT not in used.values()
+    assert used[0] == 0 and used[4] == 4 and CURRENT not in used.values()
 
 
 def test_rounds_start_after_the_sft_warm_up():
@@ -51,7 +53,7 @@ def test_rounds_start_after_the_sft_warm_up():
 def test_never_refreshed_policy_uses_the_frozen_copy_on_every_later_step():
     _, current, frozen, used = _run(RoundSchedule(None), 5)
     assert current.steps == [] and frozen.steps == [1, 2, 3, 4]
-    assert used[0] == OLD_IS_CURRENT
+    assert used[0] == CURRENT
 
 
 def test_resume_mid_round_continues_with_the_saved_old_logprobs():
@@ -63,7 +65,7 @@ def test_resume_mid_round_continues_with_the_saved_old_logprobs():
     current.version = 2
     for step in range(2, 8):
         old = resumed.for_step(step, current, frozen)
-        used[step] = old if old == OLD_IS_CURRENT else float(old[0])
+        used[step] = CURRENT if old.old_is_current else float(old.per_micro_batch[0])
         current.version += 1
     assert used == {s: straight[s] for s in range(2, 8)}
     assert current.steps == [5, 6, 7]  # no pass for steps 2-3: they came from the checkpoint
@@ -86,5 +88,5 @@ def test_a_round_start_reuses_the_current_weights_even_with_outputs_left_over():
     policy.load_state_dict({"outputs": {4: [torch.tensor([-1.0])], 5: [torch.tensor([-1.0])]}})
     current = Passes("current")
     current.version = 4
-    assert policy.for_step(4, current) == OLD_IS_CURRENT
-    assert current.steps == [5, 6, 7] and float(policy.for_step(5, current)[0]) == 4
+    assert policy.for_step(4, current).old_is_current
+    assert current.steps == [5, 6, 7] and float(policy.for_step(5, current).per_micro_batch[0]) == 4

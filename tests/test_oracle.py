@@ -153,7 +153,7 @@ def _run_layout(name, paths, old, reference):
         grads.clear()
         result = train_step(chunks, optimizer, scheduler, _micro_batches(batch, extra, rows, micro_batch_size),
                             ObjectiveConfig(objective), args.vocab_size)
-        results[objective] = dict(metrics=result.metrics, grad_norm=result.grad_norm, num_tokens=result.num_tokens)
+        results[objective] = dict(metrics=result.metrics, grad_norm=result.grad_norm, num_tokens=int(result.metrics["trained_tokens_total"]))
         _save_as_checkpoint(f"{paths['grads']}/{name}", iteration, chunks, grads, hf_config)
     unchanged = all(torch.equal(w, p.detach()) for w, p in zip(weights, [p for c in chunks for p in c.parameters()]))
     local_tokens = int(batch["loss_mask"][rows.start:rows.stop].sum())

@@ -24,7 +24,7 @@ LAYOUTS = {
 RESUME_LAYOUT = LAYOUTS["tp2_ep2_sp_dp2"]
 PACKED_LAYOUTS = ("tp1_dp4", "tp2_ep2_sp_dp2", "pp2_dp2", "pp2_vpp2_dp2")
 NO_REUSE_LAYOUTS = ("tp1_dp4", "tp2_ep2_sp_dp2", "pp2_vpp2_dp2")
-# Settings a resume must keep (train.RESUME_INVARIANTS): a changed one is refused, naming it.
+# Settings a resume must keep (checkpoint.RESUME_INVARIANTS): a changed one is refused, naming it.
 CHANGED_ON_RESUME = {"seed": ["--seed", "99"], "old_policy_interval": ["--old-policy-interval", "4"]}
 
 
@@ -206,13 +206,19 @@ def test_packed_steps_equal_padded_steps_at_every_layout(run):
                 assert got[key] == pytest.approx(want[key], rel=1e-4), (name, got["step"], key)
 
 
-def test_packed_resume_mid_round_equals_uninterrupted(run):
-    tmp, _ = run
-    straight = _metrics(os.path.join(tmp, "packed_tp2_ep2_sp_dp2.jsonl"))
-    resumed = _metrics(os.path.join(tmp, "packed_part1.jsonl")) + _metrics(os.path.join(tmp, "packed_part2.jsonl"))
-    for got, want in _paired(resumed, straight, steps=range(1, 7)):
+def _resumed_equals_straight(tmp, straight_name, part_names, steps):
+    """The records of a run resumed from its checkpoint (`part_names`, in order) against the uninterrupted one."""
+    straight = _metrics(os.path.join(tmp, f"{straight_name}.jsonl"))
+    resumed = [record for name in part_names for record in _metrics(os.path.join(tmp, f"{name}.jsonl"))]
+    for got, want in _paired(resumed, straight, steps=steps):
         for key in ("loss", "grad_norm", "ratio_mean", "clip_fraction", "entropy"):
             assert got[key] == pytest.approx(want[key], rel=0, abs=1e-6), (key, got["step"], got[key], want[key])
+    return resumed
+
+
+def test_packed_resume_mid_round_equals_uninterrupted(run):
+    tmp, _ = run
+    resumed = _resumed_equals_straight(tmp, "packed_tp2_ep2_sp_dp2", ("packed_part1", "packed_part2"), range(1, 7))
     assert resumed[3]["old_policy_s"] == 0.0 and resumed[3]["ratio_min"] != 1.0  # step 4: old log-probs from the checkpoint
     evals = _evals(os.path.join(tmp, "packed_part1.jsonl")) + _evals(os.path.join(tmp, "packed_part2.jsonl"))
     for got, want in zip(evals, _evals(os.path.join(tmp, "packed_tp2_ep2_sp_dp2.jsonl")), strict=True):
@@ -261,11 +267,7 @@ def test_first_step_reuse_equals_recomputing_the_old_logprobs(run, name):
 
 def test_resume_equals_uninterrupted(run):
     tmp, _ = run
-    straight = _metrics(os.path.join(tmp, "straight.jsonl"))
-    resumed = _metrics(os.path.join(tmp, "part1.jsonl")) + _metrics(os.path.join(tmp, "part2.jsonl"))
-    for got, want in _paired(resumed, straight, steps=range(1, 9)):
-        for key in ("loss", "grad_norm", "ratio_mean", "clip_fraction", "entropy"):
-            assert got[key] == pytest.approx(want[key], rel=0, abs=1e-6), (key, got["step"], got[key], want[key])
+    resumed = _resumed_equals_straight(tmp, "straight", ("part1", "part2"), range(1, 9))
     # Step 5 is mid-round (rounds of 3 start at steps 1, 4, 7): its old log-probs came from the checkpoint.
     assert resumed[4]["old_policy_s"] == 0.0 and resumed[4]["ratio_min"] != 1.0
 

@@ -21,6 +21,19 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int =
     return -(-vocab_size // multiple) * multiple
 
 
+def _check_layout(args: Qwen3MoeArgs, layout: ParallelLayout) -> None:
+    """Refuse a layout the model's shapes cannot take, naming the flags."""
+    if args.is_moe and layout.tensor > 1 and not layout.sequence_parallel:
+        raise ValueError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
+    if args.is_moe and args.num_experts % layout.expert:
+        raise ValueError(f"{args.num_experts} experts do not divide over --expert-model-parallel-size {layout.expert}")
+    if args.num_kv_heads % layout.tensor:
+        raise ValueError(f"{args.num_kv_heads} KV heads do not divide over --tensor-model-parallel-size {layout.tensor}")
+    if args.num_layers % (layout.pipeline * (layout.virtual_pipeline or 1)):
+        raise ValueError(f"{args.num_layers} layers do not divide over --pipeline-model-parallel-size {layout.pipeline}"
+                         f" x --virtual-pipeline-model-parallel-size {layout.virtual_pipeline or 1}")
+
+
 def transformer_config(
     args: Qwen3MoeArgs,
     layout: ParallelLayout,
@@ -48,15 +61,7 @@ def transformer_config(
     te = platform.use_transformer_engine
     # Kernels that import only on the target machine are switched on when it is actually there.
     te_kernels = te and not platform.assumed
-    if args.is_moe and layout.tensor > 1 and not layout.sequence_parallel:
-        raise ValueError("MoE with --tensor-model-parallel-size > 1 needs --sequence-parallel")
-    if args.is_moe and args.num_experts % layout.expert:
-        raise ValueError(f"{args.num_experts} experts do not divide over --expert-model-parallel-size {layout.expert}")
-    if args.num_kv_heads % layout.tensor:
-        raise ValueError(f"{args.num_kv_heads} KV heads do not divide over --tensor-model-parallel-size {layout.tensor}")
-    if args.num_layers % (layout.pipeline * (layout.virtual_pipeline or 1)):
-        raise ValueError(f"{args.num_layers} layers do not divide over --pipeline-model-parallel-size {layout.pipeline}"
-                         f" x --virtual-pipeline-model-parallel-size {layout.virtual_pipeline or 1}")
+    _check_layout(args, layout)
     moe = {}
     if args.is_moe:
         moe = dict(
@@ -109,7 +114,6 @@ def transformer_config(
         batch_p2p_comm=not layout.virtual_pipeline,
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor or layout.tensor,
-        context_parallel_size=layout.context,
         sequence_parallel=layout.sequence_parallel,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from megatron_psft import parallel
-from megatron_psft.data import collate, pack
+from megatron_psft.data.dataset import collate, pack
 
 
 @dataclass(frozen=True)
