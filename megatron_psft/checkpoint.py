@@ -336,3 +336,27 @@ def restore_rng_states(rank_state: dict) -> None:
     if rank_state["cuda_rng"] is not None:
         torch.cuda.set_rng_state(rank_state["cuda_rng"])
     tensor_parallel.get_cuda_rng_tracker().set_states(rank_state["tracker_rng"])
+
+
+# --- resuming a run --------------------------------------------------------------------------------
+def resume(root: str, args, model_chunks, optimizer, scheduler, frozen_chunks, old_policy) -> int:
+    """Resume the run of `args` from the checkpoint under `root`, refusing changed settings
+    (:func:`check_resume`); returns the step to continue from. With ``--no-load-optim`` only the weights
+    and the step: the flags' schedule, a fresh optimizer and old-policy round."""
+    saved = read_common_state(root)
+    check_resume(args, saved["trainer_state"], saved["scheduler"], scheduler.state_dict())
+    if args.no_load_optim:
+        load_model(root, model_chunks, frozen_chunks)
+        step = saved["trainer_state"]["step"]
+        scheduler.step(step)
+        parallel.print_rank_last(f"loaded the weights of {resolve(root)} (--no-load-optim): "
+                                 f"fresh optimizer state from step {step}")
+        return step
+    scheduler.override_opt_param_scheduler = args.override_opt_param_scheduler
+    scheduler.use_checkpoint_opt_param_scheduler = args.use_checkpoint_opt_param_scheduler
+    trainer_state, rank_state = load_training_state(root, model_chunks, optimizer, scheduler,
+                                                    frozen_chunks=frozen_chunks)
+    restore_rng_states(rank_state)
+    old_policy.load_state_dict(to_device(rank_state["old_policy"], parallel.device()))
+    parallel.print_rank_last(f"resumed from {resolve(root)} at step {trainer_state['step']}")
+    return trainer_state["step"]

@@ -85,6 +85,16 @@ def _reachable(url: str, timeout: float = 3.0) -> bool:
 class MetricsLogger:
     """Per-step records to the console, a JSONL file, TensorBoard and W&B (on the last rank only)."""
 
+    @classmethod
+    def from_args(cls, args, run_config: dict, resumed_step: Optional[int]) -> "MetricsLogger":
+        """The logger the trainer's flags ask for (--metrics-file, --tensorboard-dir, --log-interval, W&B)."""
+        wandb = None
+        if args.wandb_project:
+            wandb = dict(project=args.wandb_project, name=args.wandb_exp_name, config=run_config,
+                         save_dir=args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else None))
+        return cls(args.metrics_file, args.tensorboard_dir, args.train_iters, resumed_step,
+                   log_interval=args.log_interval, jsonl_every_interval=args.metrics_file_every_interval, wandb=wandb)
+
     def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], train_steps: int,
                  resumed_step: Optional[int] = None, log_interval: int = 1, jsonl_every_interval: bool = False,
                  wandb: Optional[dict] = None):

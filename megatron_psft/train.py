@@ -18,11 +18,11 @@ import torch.distributed as dist
 
 from megatron_psft import checkpoint, parallel, routing
 from megatron_psft import platform as platforms
-from megatron_psft.clipped_tokens import ClippedTokensWriter, path_next_to
 from megatron_psft.arguments import (load_datasets, objective_config, optim_config, parse_args,
                                      resolve_run, run_platform)
-from megatron_psft.data.batching import Batching, rank_micro_batches, regroup
+from megatron_psft.clipped_tokens import ClippedTokensWriter, path_next_to
 from megatron_psft.data import global_batch_indices
+from megatron_psft.data.batching import Batching, rank_micro_batches, regroup
 from megatron_psft.evaluation import EvalSettings, evaluate
 from megatron_psft.logger import MetricsLogger
 from megatron_psft.memory import memory_record
@@ -78,23 +78,15 @@ class Trainer:
         self.step = 0
         self.resumed = bool(run.resume_from)
         if self.resumed:
-            self._resume(run.resume_from)
+            self.step = checkpoint.resume(run.resume_from, args, self.model, self.optimizer, self.scheduler,
+                                          self.frozen, self.old_policy)
         self.flops_per_token = model_flops_per_token(self.model_args, args.seq_length)
         self.timers = Timers(args.timing_log_level, nvtx=args.profile and torch.cuda.is_available())
         self.run_config = run_config(args, self.transformer_config, platforms.current(), dist.get_world_size())
-        self._start_logging(resumed_step=self.step if self.resumed else None)
-
-    def _start_logging(self, resumed_step: Optional[int]) -> None:
-        args = self.args
+        resumed_step = self.step if self.resumed else None
         if args.save and dist.get_rank() == 0:
             write_run_config(args.save, self.run_config)
-        wandb = None
-        if args.wandb_project:
-            wandb = dict(project=args.wandb_project, name=args.wandb_exp_name, config=self.run_config,
-                         save_dir=args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else None))
-        self.logger = MetricsLogger(args.metrics_file, args.tensorboard_dir, args.train_iters, resumed_step,
-                                    log_interval=args.log_interval,
-                                    jsonl_every_interval=args.metrics_file_every_interval, wandb=wandb)
+        self.logger = MetricsLogger.from_args(args, self.run_config, resumed_step)
         self.clipped_tokens = None
         if args.log_clipped_tokens and self.logger.active and args.metrics_file:
             self.clipped_tokens = ClippedTokensWriter(path_next_to(args.metrics_file), resumed_step)
@@ -223,25 +215,6 @@ class Trainer:
             write_run_config(self.args.save, self.run_config)
         parallel.print_rank_last(f"saved checkpoint {path}")
         return path
-
-    def _resume(self, root: str) -> None:
-        saved = checkpoint.read_common_state(root)
-        checkpoint.check_resume(self.args, saved["trainer_state"], saved["scheduler"], self.scheduler.state_dict())
-        if self.args.no_load_optim:  # weights and step; the flags' schedule, a fresh optimizer and round
-            checkpoint.load_model(root, self.model, self.frozen)
-            self.step = saved["trainer_state"]["step"]
-            self.scheduler.step(self.step)
-            parallel.print_rank_last(f"loaded the weights of {checkpoint.resolve(root)} (--no-load-optim): "
-                                     f"fresh optimizer state from step {self.step}")
-            return
-        self.scheduler.override_opt_param_scheduler = self.args.override_opt_param_scheduler
-        self.scheduler.use_checkpoint_opt_param_scheduler = self.args.use_checkpoint_opt_param_scheduler
-        trainer_state, rank_state = checkpoint.load_training_state(root, self.model, self.optimizer, self.scheduler,
-                                                                   frozen_chunks=self.frozen)
-        self.step = trainer_state["step"]
-        checkpoint.restore_rng_states(rank_state)
-        self.old_policy.load_state_dict(checkpoint.to_device(rank_state["old_policy"], parallel.device()))
-        parallel.print_rank_last(f"resumed from {checkpoint.resolve(root)} at step {self.step}")
 
     # --- the loop -----------------------------------------------------------------------------------
     def run(self) -> None:

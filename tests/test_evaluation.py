@@ -188,12 +188,6 @@ def _train_two_steps(paths, with_eval):
     return dict(steps=steps, weights=weights, evaluations=evaluations, untouched=untouched)
 
 
-def trainer_has_eval_flags():
-    from megatron_psft.train import build_parser
-
-    return "--eval-data-prefix" in build_parser().format_help()
-
-
 def _trainer_runs(paths, root):
     """The trainer with its eval flags (PP2 x DP2, PSFT in rounds of 2): with evaluation every 2 of 5
     steps; the same stopped after step 2 (--exit-interval) and resumed, into one metrics file; and
@@ -222,8 +216,7 @@ def _all(paths, root):
     results["training"] = dict(without=without["steps"], with_eval=with_eval["steps"],
                                same_weights=_same(without["weights"], with_eval["weights"]),
                                evaluations=with_eval["evaluations"], untouched=with_eval["untouched"])
-    if trainer_has_eval_flags():
-        _trainer_runs(paths, root)
+    _trainer_runs(paths, root)
     dist.barrier()
     return results
 
@@ -315,7 +308,6 @@ def _records(path):
     return [r for r in lines if "loss" in r], [r for r in lines if "eval/code/nll" in r]
 
 
-@pytest.mark.skipif(not trainer_has_eval_flags(), reason="waits for train.py's --eval-data-prefix / --eval-interval")
 def test_trainer_evaluates_at_0_every_interval_and_the_end_and_resumes_exactly(work):
     """The trainer's wiring: evaluation at step 0, every --eval-interval steps and after the last
     step; a run stopped at an evaluated step and resumed logs the same lines as the straight run,

@@ -187,8 +187,6 @@ def test_resume_keeps_rng_states_on_the_host_and_moves_the_old_policy_to_the_dev
     stands in for the GPU: torch.set_rng_state refuses it the same way."""
     from megatron.core import tensor_parallel
 
-    from megatron_psft.train import Trainer
-
     os.makedirs(tmp_path / "rank_state")
     (tmp_path / "metadata.json").write_text("{}")  # makes tmp_path a checkpoint directory
     old_logprobs = torch.randn(2, 5)
@@ -207,14 +205,10 @@ def test_resume_keeps_rng_states_on_the_host_and_moves_the_old_policy_to_the_dev
         def load_state_dict(self, state):
             restored["old_policy"] = state
 
-    trainer = Trainer.__new__(Trainer)
-    trainer.args = parse_args(["--train-iters", "4", "--data-prefix", "x", "--dry-run"])
-    trainer.model = trainer.optimizer = trainer.frozen = None
-    trainer.scheduler = type("Scheduler", (), {"state_dict": lambda self: {}})()
-    trainer.old_policy = _OldPolicy()
+    args = parse_args(["--train-iters", "4", "--data-prefix", "x", "--dry-run"])
+    scheduler = type("Scheduler", (), {"state_dict": lambda self: {}})()
     monkeypatch.setattr("megatron_psft.checkpoint.dist.get_world_size", lambda: 1)
-    trainer._resume(str(tmp_path))
-    assert trainer.step == 3
+    assert checkpoint.resume(str(tmp_path), args, None, None, scheduler, None, _OldPolicy()) == 3
     assert restored["model-parallel-rng"].device.type == "cpu"
     assert restored["old_policy"]["outputs"][3][0]["logprobs"].device.type == "meta"
 
