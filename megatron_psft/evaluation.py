@@ -23,7 +23,7 @@ import torch
 from megatron_psft import parallel
 from megatron_psft.data.batching import Batching, rank_micro_batches
 from megatron_psft.data import SFTDataset
-from megatron_psft.step import output_logprobs, reduce_over_stages, run_schedule, stage_output
+from megatron_psft.step import micro_batch_multiple, output_logprobs, reduce_over_stages, run_schedule, stage_output
 
 # Set names become metric keys (eval/NAME/nll) and TensorBoard tags.
 _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -108,7 +108,7 @@ def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, voc
         return output, lambda output: loss_func(logprobs_of, micro_batch["loss_mask"], output)
 
     batching = Batching(settings.seq_length, settings.micro_batch_size, dataset.meta["pad_id"], settings.pack,
-                        micro_batch_multiple=_micro_batch_multiple(model_chunks))
+                        micro_batch_multiple=micro_batch_multiple(model_chunks))
     totals = {"nll_total": 0.0, "entropy_total": 0.0, "tokens_total": 0.0}
     for indices in eval_batches(len(dataset), settings.global_batch_size, settings.eval_iters):
         micro_batches = rank_micro_batches(dataset, indices, batching, parallel.device())
@@ -121,14 +121,3 @@ def _evaluate_set(model_chunks, dataset: SFTDataset, settings: EvalSettings, voc
     if tokens == 0:
         return EvalResult(None, None, 0)
     return EvalResult(totals["nll_total"] / tokens, totals["entropy_total"] / tokens, tokens)
-
-
-def _micro_batch_multiple(model_chunks) -> int:
-    """The interleaved (VPP) schedule, which several chunks per rank mean, runs micro-batches in groups of
-    ``microbatch_group_size_per_vp_stage`` (default: PP) and refuses a partial one, as a short last
-    batch would make."""
-    if len(model_chunks) == 1:
-        return 1
-    from megatron.core.utils import get_model_config
-
-    return get_model_config(model_chunks[0]).microbatch_group_size_per_vp_stage

@@ -90,7 +90,7 @@ def stage_output(model, micro_batch, fused_logprobs: bool):
 
 
 def output_logprobs(model, micro_batch, vocab_size: int, fused_logprobs: bool, with_entropy: bool):
-    """The function from the last stage's output (:func:`_forward`) to the log-probs ``[b, s]`` of the
+    """The function from the last stage's output (:func:`stage_output`) to the log-probs ``[b, s]`` of the
     micro-batch's labels, and with `with_entropy` their entropy."""
     labels = micro_batch["labels"]
     # Under THD the stage's output is one sequence of the micro-batch's b * s tokens.
@@ -108,6 +108,17 @@ def output_logprobs(model, micro_batch, vocab_size: int, fused_logprobs: bool, w
         return tuple(t.view(labels.shape) for t in result) if with_entropy else result.view(labels.shape)
 
     return logprobs_of
+
+
+def micro_batch_multiple(model_chunks) -> int:
+    """What the number of micro-batches must be a multiple of: the interleaved (VPP) schedule, which several
+    chunks per rank mean, runs them in groups of ``microbatch_group_size_per_vp_stage`` (default: PP) and
+    refuses a partial group."""
+    if len(model_chunks) == 1:
+        return 1
+    from megatron.core.utils import get_model_config
+
+    return get_model_config(model_chunks[0]).microbatch_group_size_per_vp_stage
 
 
 def run_schedule(model_chunks, micro_batches, forward_step, forward_only):

@@ -34,7 +34,7 @@ from megatron_psft.optimizer import build_optimizer, wrap_with_ddp
 from megatron_psft.plan import Sizes, format_plan, memory_per_gpu
 from megatron_psft.precision import parse_dtype
 from megatron_psft.run_config import run_config, write_run_config
-from megatron_psft.step import forward_only_pass, policy_logprobs, train_step
+from megatron_psft.step import forward_only_pass, micro_batch_multiple, policy_logprobs, train_step
 from megatron_psft.stopping import ExitConditions
 from megatron_psft.timers import Profiler, Timers
 
@@ -52,9 +52,6 @@ class Trainer:
             why = "--finetune" if args.finetune else "it holds weights only (no trainer state)"
             parallel.print_rank_last(f"starting from the weights of {args.load} at step 0: {why}")
         self.dataset, self.eval_sets = load_datasets(args, self.model_args)
-        self.batching = Batching(args.seq_length, args.micro_batch_size, self.dataset.meta["pad_id"],
-                                 pack=args.pack_sequences,
-                                 micro_batch_multiple=self.layout.pipeline if self.layout.virtual_pipeline else 1)
         self.objective = objective_config(args)
 
         chunks = build_model_chunks(self.model_args, self.transformer_config)
@@ -70,6 +67,8 @@ class Trainer:
         self.routers = routing.routers(chunks) if track_routing else None
         self.frozen_routers = routing.routers(self.frozen) if track_routing and self.frozen else None
 
+        self.batching = Batching(args.seq_length, args.micro_batch_size, self.dataset.meta["pad_id"],
+                                 pack=args.pack_sequences, micro_batch_multiple=micro_batch_multiple(chunks))
         optim = optim_config(args)
         self.model = wrap_with_ddp(chunks, self.transformer_config, optim)
         self.optimizer, self.scheduler = build_optimizer(self.model, optim, parse_dtype(args.params_dtype), args.train_iters)

@@ -137,9 +137,10 @@ def _micro_batches(rows: dict, total_rows: int, batching: Batching, device) -> L
         rows = _with_padding_rows(rows, total_rows - len(rows["tokens"]), batching)
     micro_batches = []
     for start in range(0, total_rows, batching.micro_batch_size):
-        micro_batch = {key: value[start:start + batching.micro_batch_size].to(device) for key, value in rows.items()}
-        if batching.pack:
-            boundaries = sample_boundaries(micro_batch["segment_ids"].cpu())
+        rows_here = slice(start, start + batching.micro_batch_size)
+        micro_batch = {key: value[rows_here].to(device) for key, value in rows.items()}
+        if batching.pack:  # from the rows as given (on the host when batched from a dataset), not the device copy
+            boundaries = sample_boundaries(rows["segment_ids"][rows_here].cpu())
             micro_batch["cu_seqlens"] = torch.tensor(boundaries, dtype=torch.int32, device=device)
             micro_batch["max_seqlen"] = max(b - a for a, b in zip(boundaries, boundaries[1:]))
         micro_batches.append(micro_batch)
