@@ -49,9 +49,9 @@ class LogNormalSamples:
 
 def _tokens_per_second(argv, dataset, steps):
     from megatron_psft import parallel
-    from megatron_psft.train import Trainer, parse_args
+    from megatron_psft.train import Trainer, parse_launch
 
-    trainer = Trainer(parse_args(argv + ["--train-iters", str(steps + 1)]))
+    trainer = Trainer(parse_launch(argv + ["--train-iters", str(steps + 1)]))
     trainer.dataset = dataset  # the trainer's batching over synthetic lengths
     records = [trainer.train_one_step() for _ in range(steps + 1)][1:]
     parallel.destroy()

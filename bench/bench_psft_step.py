@@ -34,9 +34,9 @@ def variants(micro_batch_size: int) -> dict:
 
 def _timed_steps(argv, steps, warmup_steps):
     from megatron_psft import parallel
-    from megatron_psft.train import Trainer, parse_args
+    from megatron_psft.train import Trainer, parse_launch
 
-    trainer = Trainer(parse_args(argv + ["--train-iters", str(steps)]))
+    trainer = Trainer(parse_launch(argv + ["--train-iters", str(steps)]))
     times = []
     for _ in range(steps):
         start = time.perf_counter()

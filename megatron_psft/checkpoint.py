@@ -21,14 +21,13 @@ import glob
 import json
 import os
 import shutil
-import signal
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_psft import parallel
-from megatron_psft.optimizer import unwrap
+from megatron_psft.optimizer import init_state_for_loading, restore_adam_steps, unwrap
 from megatron_psft.run_config import write_run_config
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -76,14 +75,15 @@ def _load_model_state(model_chunks, state, prefix: str = "") -> None:
         unwrap(chunk).load_state_dict({k[len(prefix):]: v for k, v in chunk_state.items()}, strict=True)
 
 
-KILL_POINT_VARIABLE = "PSFT_TEST_KILL_AT"  # test-only: SIGKILL this process at the named point of a save
+# Called with the name of each point a save passes ("staging_created", "model_saved", "rank_state_saved",
+# "before_rename", "renamed", "latest_written"; the last four on rank 0 only). Empty in training; the
+# crash-consistency test installs one that kills the process at a chosen point, as a node failure would.
+SAVE_POINT_HOOKS: List[Callable[[str], None]] = []
 
 
-def _kill_point(name: str) -> None:
-    """Fault injection for the crash-consistency test: with ``PSFT_TEST_KILL_AT=name`` the rank
-    ``PSFT_TEST_KILL_RANK`` (default 0) dies here as a node would, without cleaning up."""
-    if os.environ.get(KILL_POINT_VARIABLE) == name and dist.get_rank() == int(os.environ.get("PSFT_TEST_KILL_RANK", "0")):
-        os.kill(os.getpid(), signal.SIGKILL)
+def _reached(point: str) -> None:
+    for hook in SAVE_POINT_HOOKS:
+        hook(point)
 
 
 def _fsync(path: str) -> None:
@@ -121,7 +121,7 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    _kill_point("staging_created")
+    _reached("staging_created")
 
     model_state = model_sharded_state_dict(model_chunks)
     state = {"model": model_state}
@@ -134,7 +134,7 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
     if frozen_chunks:
         state["frozen_policy"] = model_sharded_state_dict(frozen_chunks, FROZEN_PREFIX)
     dist_checkpointing.save(state, staging)  # wants an empty directory: the rest is written after it
-    _kill_point("model_saved")
+    _reached("model_saved")
     if dist.get_rank() == 0:
         with open(os.path.join(staging, HF_CONFIG_FILE), "w") as f:
             json.dump(hf_config, f, indent=2)
@@ -145,22 +145,22 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
         rank_file = os.path.join(staging, "rank_state", f"rank_{dist.get_rank():05d}.pt")
         os.makedirs(os.path.dirname(rank_file), exist_ok=True)
         torch.save(rank_state, rank_file)
-    _kill_point("rank_state_saved")
+    _reached("rank_state_saved")
     _sync_written_files(staging, rank_file)
     dist.barrier()
 
     if dist.get_rank() == 0:
-        _kill_point("before_rename")
+        _reached("before_rename")
         shutil.rmtree(final, ignore_errors=True)  # a save of this step that never became the latest
         os.replace(staging, final)
         _fsync(root)
-        _kill_point("renamed")
+        _reached("renamed")
         latest_tmp = os.path.join(root, LATEST_FILE + ".tmp")
         with open(latest_tmp, "w") as f:
             f.write(str(iteration))
             f.flush()
             os.fsync(f.fileno())
-        _kill_point("latest_written")
+        _reached("latest_written")
         os.replace(latest_tmp, os.path.join(root, LATEST_FILE))
         _fsync(root)
     dist.barrier()
@@ -199,7 +199,7 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_ch
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
-    _init_optimizer_state(optimizer)
+    init_state_for_loading(optimizer)
     model_state = model_sharded_state_dict(model_chunks)
     request = {
         "model": model_state,
@@ -213,7 +213,7 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_ch
         _load_model_state(frozen_chunks, loaded["frozen_policy"], FROZEN_PREFIX)
     with torch.no_grad():  # fp32 main params are the model's leaf params
         optimizer.load_state_dict(loaded["optimizer"])
-    _restore_adam_steps(optimizer)
+    restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     return loaded["trainer_state"], load_rank_state(directory, dist.get_rank())
 
@@ -238,29 +238,6 @@ def to_device(tree: Any, device: torch.device) -> Any:
     return tree
 
 
-def _init_optimizer_state(optimizer) -> None:
-    """Create Adam's empty state, which the sharded optimizer state dict is built from before loading.
-    Megatron's init_state_fn leaves out torch Adam's per-parameter ``step`` (kept per group by the
-    Apex/TE Adams), which the distributed optimizer reads without them."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        sub.init_state_fn(sub.optimizer, sub.config)
-        if isinstance(sub.optimizer, torch.optim.Adam):
-            for state in sub.optimizer.state.values():
-                state.setdefault("step", torch.tensor(0.0))
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Megatron restores Adam's step count into the param groups (where the Apex/TE Adams keep it);
-    torch's Adam reads it per parameter, so its bias correction would restart at step 1."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(sub.optimizer, torch.optim.Adam):
-            continue
-        for group in sub.optimizer.param_groups:
-            if "step" in group:
-                for param in group["params"]:
-                    sub.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))
-
-
 def read_hf_config(path: str) -> dict:
     """The HF config a checkpoint carries: from a checkpoint root or ``iter_*`` directory, or from a
     directory holding just its ``hf_config.json`` (enough for a dry run without the weights)."""
@@ -270,11 +247,12 @@ def read_hf_config(path: str) -> dict:
 
 
 # --- resume rules ----------------------------------------------------------------------------------
-# Settings a resumed run must share with its checkpoint: they place the data and the old-policy round.
+# Configuration keys (:meth:`TrainConfig.flat`) a resumed run must share with its checkpoint: they place
+# the data and the old-policy round.
 RESUME_INVARIANTS = ("seed", "global_batch_size", "micro_batch_size", "seq_length", "pack_sequences", "objective",
                      "old_policy_interval", "sft_warmup_steps", "data_prefix")
-# Settings the optimizer state and the per-rank state are laid out by: changing one needs
-# --no-load-optim or --finetune (the weights themselves are layout-free).
+# Those the optimizer state and the per-rank state are laid out by: changing one needs --no-load-optim or
+# --finetune (the weights themselves are layout-free).
 LAYOUT_INVARIANTS = ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                      "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
                      "expert_tensor_parallel_size", "params_dtype", "fp8_format", "fp8_recipe",
@@ -284,23 +262,33 @@ SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_de
                  "wd_incr_steps", "wd_incr_style")
 
 
-def trainer_state(args, step: int) -> dict:
-    """What a checkpoint records of the run: its step and the settings a resume is checked against."""
-    settings = {key: getattr(args, key) for key in RESUME_INVARIANTS + LAYOUT_INVARIANTS if key != "world_size"}
-    return {"step": step, "world_size": dist.get_world_size(), **settings}
+def trainer_state(config, step: int, world_size: int) -> dict:
+    """What a checkpoint records of the run: its step, world size and whole configuration."""
+    return {"step": step, "world_size": world_size, "config": config.to_dict()}
 
 
-def check_resume(args, saved_trainer_state: dict, saved_schedule: dict, schedule: dict) -> None:
+def saved_settings(saved_trainer_state: dict) -> dict:
+    """The settings a checkpoint recorded, by configuration key. Checkpoints from before the typed
+    configuration (main at 2337daf and earlier) recorded the resume keys flat, under the same names."""
+    if "config" not in saved_trainer_state:
+        return {key: value for key, value in saved_trainer_state.items() if key != "step"}
+    sections = saved_trainer_state["config"].values()
+    return {"world_size": saved_trainer_state["world_size"],
+            **{key: value for section in sections for key, value in section.items()}}
+
+
+def check_resume(config, world_size: int, saved_trainer_state: dict, saved_schedule: dict, schedule: dict) -> None:
     """Refuse a resume whose settings differ from its checkpoint's, saying what changed and how to go on."""
+    saved, now = saved_settings(saved_trainer_state), {**config.flat(), "world_size": world_size}
+
     def changed(keys):
-        now = {**vars(args), "world_size": dist.get_world_size()}
-        return {key: (saved_trainer_state[key], now[key]) for key in keys
-                if key in saved_trainer_state and saved_trainer_state[key] != now[key]}
+        return {key: (saved[key], now[key]) for key in keys if key in saved and saved[key] != now[key]}
 
     data_settings = changed(RESUME_INVARIANTS)
     if data_settings:  # the data position and the saved old-policy round depend on them
         raise ValueError(f"resuming needs the checkpoint's settings; changed (saved, now): {data_settings}")
-    if args.no_load_optim:
+    settings = config.checkpoint
+    if settings.no_load_optim:
         return
     layout = changed(LAYOUT_INVARIANTS)
     if layout:
@@ -309,7 +297,7 @@ def check_resume(args, saved_trainer_state: dict, saved_schedule: dict, schedule
                          f"(keeps the step and the schedule) or --finetune (starts at step 0)")
     schedule_changes = {key: (saved_schedule[key], schedule[key]) for key in SCHEDULE_KEYS
                         if key in saved_schedule and saved_schedule[key] != schedule[key]}
-    if schedule_changes and not (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler):
+    if schedule_changes and not (settings.override_opt_param_scheduler or settings.use_checkpoint_opt_param_scheduler):
         raise ValueError(f"the learning-rate schedule of the flags differs from the checkpoint's; changed (saved, now): "
                          f"{schedule_changes}. Pass --override-opt-param-scheduler to follow the flags (e.g. a longer "
                          f"--train-iters) or --use-checkpoint-opt-param-scheduler to keep the checkpoint's")
@@ -339,21 +327,22 @@ def restore_rng_states(rank_state: dict) -> None:
 
 
 # --- resuming a run --------------------------------------------------------------------------------
-def resume(root: str, args, model_chunks, optimizer, scheduler, frozen_chunks, old_policy) -> int:
-    """Resume the run of `args` from the checkpoint under `root`, refusing changed settings
+def resume(root: str, config, model_chunks, optimizer, scheduler, frozen_chunks, old_policy) -> int:
+    """Resume the run of `config` from the checkpoint under `root`, refusing changed settings
     (:func:`check_resume`); returns the step to continue from. With ``--no-load-optim`` only the weights
-    and the step: the flags' schedule, a fresh optimizer and old-policy round."""
+    and the step: the configuration's schedule, a fresh optimizer and old-policy round."""
     saved = read_common_state(root)
-    check_resume(args, saved["trainer_state"], saved["scheduler"], scheduler.state_dict())
-    if args.no_load_optim:
+    check_resume(config, dist.get_world_size(), saved["trainer_state"], saved["scheduler"], scheduler.state_dict())
+    settings = config.checkpoint
+    if settings.no_load_optim:
         load_model(root, model_chunks, frozen_chunks)
         step = saved["trainer_state"]["step"]
         scheduler.step(step)
         parallel.print_rank_last(f"loaded the weights of {resolve(root)} (--no-load-optim): "
                                  f"fresh optimizer state from step {step}")
         return step
-    scheduler.override_opt_param_scheduler = args.override_opt_param_scheduler
-    scheduler.use_checkpoint_opt_param_scheduler = args.use_checkpoint_opt_param_scheduler
+    scheduler.override_opt_param_scheduler = settings.override_opt_param_scheduler
+    scheduler.use_checkpoint_opt_param_scheduler = settings.use_checkpoint_opt_param_scheduler
     trainer_state, rank_state = load_training_state(root, model_chunks, optimizer, scheduler,
                                                     frozen_chunks=frozen_chunks)
     restore_rng_states(rank_state)

@@ -14,9 +14,8 @@ are reduced one at a time and accumulated on the host in float64: Megatron's met
 fp32, which counts tokens exactly only up to 2**24, a bound a whole evaluation set can pass.
 """
 
-import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 
@@ -24,10 +23,6 @@ from megatron_psft import parallel
 from megatron_psft.data.batching import Batching, rank_micro_batches
 from megatron_psft.data import SFTDataset
 from megatron_psft.step import micro_batch_multiple, output_logprobs, reduce_over_stages, run_schedule, stage_output
-
-# Set names become metric keys (eval/NAME/nll) and TensorBoard tags.
-_SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -48,11 +43,11 @@ class EvalSettings:
             raise ValueError(f"--eval-iters must be at least 1 (or left out for the whole set), got {self.eval_iters}")
 
     @classmethod
-    def from_args(cls, args) -> "EvalSettings":
-        """The trainer's flags: --seq-length, --micro-batch-size, --global-batch-size, --eval-iters,
-        --pack-sequences and --fused-logprobs."""
-        return cls(args.seq_length, args.micro_batch_size, args.global_batch_size, args.eval_iters, args.pack_sequences,
-                   args.fused_logprobs)
+    def of(cls, config) -> "EvalSettings":
+        """A run's evaluation settings: its batch shapes, --eval-iters and --fused-logprobs."""
+        data = config.data
+        return cls(data.seq_length, data.micro_batch_size, data.global_batch_size, config.evaluation.eval_iters,
+                   data.pack_sequences, config.model.fused_logprobs)
 
 
 @dataclass(frozen=True)
@@ -60,23 +55,6 @@ class EvalResult:
     nll: Optional[float]  # token mean of -log p(label); None when the evaluated samples hold no response token
     entropy: Optional[float]  # token mean of the full-vocabulary entropy (nats)
     tokens: int  # response tokens evaluated
-
-
-def parse_eval_data_prefix(items: Sequence[str]) -> Dict[str, str]:
-    """``--eval-data-prefix NAME=PREFIX [NAME=PREFIX ...]`` as ``{name: prefix}``, in the given order."""
-    sets: Dict[str, str] = {}
-    for item in items:
-        name, separator, prefix = item.partition("=")
-        if not separator or not prefix:
-            raise ValueError(f"--eval-data-prefix {item!r}: expected NAME=PREFIX (a name for the set, then the "
-                             "--output-prefix of tools/preprocess_data.py)")
-        if not _SET_NAME.fullmatch(name):
-            raise ValueError(f"--eval-data-prefix {item!r}: the set's name must be letters, digits, '_', '.' or '-' "
-                             "(it becomes the metric key eval/NAME/nll)")
-        if name in sets:
-            raise ValueError(f"--eval-data-prefix names the set {name!r} twice")
-        sets[name] = prefix
-    return sets
 
 
 def eval_batches(num_samples: int, global_batch_size: int, eval_iters: Optional[int] = None) -> List[range]:

@@ -86,14 +86,16 @@ class MetricsLogger:
     """Per-step records to the console, a JSONL file, TensorBoard and W&B (on the last rank only)."""
 
     @classmethod
-    def from_args(cls, args, run_config: dict, resumed_step: Optional[int]) -> "MetricsLogger":
-        """The logger the trainer's flags ask for (--metrics-file, --tensorboard-dir, --log-interval, W&B)."""
+    def from_config(cls, config, run_config: dict, resumed_step: Optional[int]) -> "MetricsLogger":
+        """The logger a run's configuration asks for (--metrics-file, --tensorboard-dir, --log-interval, W&B)."""
+        settings, save = config.logging, config.checkpoint.save
         wandb = None
-        if args.wandb_project:
-            wandb = dict(project=args.wandb_project, name=args.wandb_exp_name, config=run_config,
-                         save_dir=args.wandb_save_dir or (os.path.join(args.save, "wandb") if args.save else None))
-        return cls(args.metrics_file, args.tensorboard_dir, args.train_iters, resumed_step,
-                   log_interval=args.log_interval, jsonl_every_interval=args.metrics_file_every_interval, wandb=wandb)
+        if settings.wandb_project:
+            wandb = dict(project=settings.wandb_project, name=settings.wandb_exp_name, config=run_config,
+                         save_dir=settings.wandb_save_dir or (os.path.join(save, "wandb") if save else None))
+        return cls(settings.metrics_file, settings.tensorboard_dir, config.training.train_iters, resumed_step,
+                   log_interval=settings.log_interval, jsonl_every_interval=settings.metrics_file_every_interval,
+                   wandb=wandb)
 
     def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], train_steps: int,
                  resumed_step: Optional[int] = None, log_interval: int = 1, jsonl_every_interval: bool = False,

@@ -146,3 +146,29 @@ def throughput(real_tokens: int, rows: int, seq_length: int, forward_passes: int
     return {"tokens_per_s": real_tokens / seconds,
             "tflops_per_gpu": rows * forward_passes * seq_length * flops_per_token / seconds
             / dist.get_world_size() / 1e12}
+
+
+def step_record(result, micro_batches, objective, phase: str, seconds: float, old_policy, launch,
+                flops_per_token: float) -> dict:
+    """One training step's metrics: the objective's (reduced over the global batch), the optimizer's,
+    throughput, MoE load balance and memory."""
+    from megatron_psft.memory import memory_record
+
+    data = launch.config.data
+    # Every rank computes as many rows; the old-policy and reference passes are one forward each.
+    rows = len(micro_batches) * data.micro_batch_size * parallel.data_size()
+    forward_passes = 3 + old_policy.last_pass_steps + objective.needs_reference_logprobs
+    record = dict(result.metrics)
+    record.update(
+        phase=phase,
+        grad_norm=result.grad_norm,
+        learning_rate=result.learning_rate,
+        step_time_s=seconds,
+        old_policy_s=old_policy.last_pass_seconds if objective.needs_old_logprobs else 0.0,
+        routing_flip_fraction=result.routing_flip_fraction,
+        **throughput(global_real_tokens(micro_batches), rows, data.seq_length, forward_passes, flops_per_token, seconds),
+        **(moe_load_balance(len(micro_batches))
+           if launch.model_args.is_moe and launch.transformer_config.moe_aux_loss_coeff else {}),
+        **memory_record(),
+    )
+    return record

@@ -8,51 +8,17 @@ mean rather than a mean of micro-batch means. Metrics follow the conventions of
 :mod:`megatron_psft.metrics` so they reduce exactly across micro-batches and ranks.
 """
 
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from megatron_psft.config import OBJECTIVES, ObjectiveConfig  # noqa: F401 (OBJECTIVES: the objectives' names)
 from megatron_psft.logprobs import vocab_parallel_logprobs
 from megatron_psft.metrics import extreme_metric, mean_metric
 
 LOG_RATIO_LIMIT = 20.0
-OBJECTIVES = ("psft", "sft", "sft-kl", "dft", "psft-ent", "iw-sft")
 
 LossOutput = Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """Defaults are the paper's (arXiv 2508.17784, tables 6/11/13, appendix C.2, and C.4 for iw-SFT's
-    weight clipping)."""
-
-    name: str = "psft"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    kl_coef: float = 0.5
-    entropy_top_fraction: float = 0.2
-    iw_weight_min: float = 0.2
-    iw_weight_max: float = 1.8
-
-    def __post_init__(self):
-        if self.name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.name!r}; choose one of {OBJECTIVES}")
-        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
-            raise ValueError(f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
-        if not 0 < self.entropy_top_fraction <= 1:
-            raise ValueError(f"entropy_top_fraction must lie in (0, 1], got {self.entropy_top_fraction}")
-        if not 0 <= self.iw_weight_min <= 1 <= self.iw_weight_max:
-            raise ValueError(f"need 0 <= iw_weight_min <= 1 <= iw_weight_max, got {self.iw_weight_min}, "
-                             f"{self.iw_weight_max}")
-
-    @property
-    def needs_old_logprobs(self) -> bool:
-        return self.name in ("psft", "psft-ent")
-
-    @property
-    def needs_reference_logprobs(self) -> bool:
-        return self.name in ("sft-kl", "iw-sft")
 
 
 def _loss_output(token_loss, logprobs, loss_mask, entropy, **extra_metrics) -> LossOutput:

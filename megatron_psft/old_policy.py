@@ -14,6 +14,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_psft import parallel
+from megatron_psft.data.batching import regroup
+from megatron_psft.optimizer import unwrap
+from megatron_psft.step import forward_only_pass, policy_logprobs
+
 
 @dataclass(frozen=True)
 class OldPolicyOutputs:
@@ -38,6 +43,12 @@ class RoundSchedule:
     def __post_init__(self):
         if self.interval is not None and self.interval < 1:
             raise ValueError(f"old-policy interval must be >= 1 or 'never', got {self.interval}")
+
+    @classmethod
+    def of(cls, config) -> "RoundSchedule":
+        """A run's schedule: its old-policy settings, PSFT starting after the SFT warm-up, ending with the run."""
+        return cls(config.old_policy.old_policy_interval, config.training.sft_warmup_steps,
+                   config.old_policy.reuse_first_step, end_step=config.training.train_iters)
 
     def round_start(self, step: int) -> int:
         if self.interval is None:
@@ -103,11 +114,55 @@ class OldPolicy:
 def freeze_copy(source_chunks, target_chunks) -> None:
     """Copy the weights of `source_chunks` (wrapped or not) into `target_chunks` (same layout) and freeze
     them: the never-refreshed old policy, or sft-kl's and iw-sft's reference."""
-    from megatron_psft.optimizer import unwrap
-
     with torch.no_grad():
         for source, target in zip(source_chunks, target_chunks):
             target.load_state_dict(unwrap(source).state_dict(), strict=True)
             target.eval()
             for param in target.parameters():
                 param.requires_grad_(False)
+
+
+class PolicyPasses:
+    """The forward-only passes a step's objective needs beside its training forward: the old policy's
+    log-probs (and routing, when tracked), on the round's schedule; the frozen reference's log-probs
+    (sft-kl, iw-sft). `read_step(step)` gives this rank's micro-batches of global batch `step`."""
+
+    def __init__(self, model, frozen, routers, frozen_routers, schedule: OldPolicy, read_step, batching,
+                 config, vocab_size: int):
+        self.model, self.frozen, self.routers, self.frozen_routers = model, frozen, routers, frozen_routers
+        self.schedule, self.read_step, self.batching, self.vocab_size = schedule, read_step, batching, vocab_size
+        self.settings, self.micro_batch_size = config.old_policy, config.data.micro_batch_size
+        self.fused_logprobs, self.first_psft_step = config.model.fused_logprobs, config.training.sft_warmup_steps
+
+    def _old_policy_pass(self, chunks, routers, step: int) -> List[dict]:
+        """The old policy's log-probs (and routing) for step `step`'s micro-batches, computed in micro-batches
+        of --old-policy-micro-batch-size rows."""
+        micro_batches = self.read_step(step)
+        rows = self.settings.old_policy_micro_batch_size or self.micro_batch_size
+        if rows == self.micro_batch_size:
+            return forward_only_pass(chunks, micro_batches, self.vocab_size, routers, fused_logprobs=self.fused_logprobs)
+        results = forward_only_pass(chunks, regroup(micro_batches, rows, self.batching), self.vocab_size,
+                                    fused_logprobs=self.fused_logprobs)
+        if not parallel.is_last_stage():
+            return [{} for _ in micro_batches]
+        logprobs = torch.cat([result["logprobs"] for result in results]).split(self.micro_batch_size)
+        return [{"logprobs": values} for values in logprobs[:len(micro_batches)]]
+
+    def attach(self, step: int, objective, micro_batches: List[dict]) -> None:
+        """Put into each micro-batch the old-policy (or reference) log-probs and routing its objective needs."""
+        if objective.needs_old_logprobs:
+            never_refreshed = self.settings.old_policy_interval is None
+            if step == self.first_psft_step and self.frozen and never_refreshed:
+                freeze_copy(self.model, self.frozen)  # the fixed old policy is the model as PSFT begins
+            old = self.schedule.for_step(step, lambda s: self._old_policy_pass(self.model, self.routers, s),
+                                         lambda s: self._old_policy_pass(self.frozen, self.frozen_routers, s))
+            for index, micro_batch in enumerate(micro_batches):
+                if old.old_is_current:
+                    micro_batch["old_is_current"] = True
+                else:
+                    micro_batch["old_logprobs"] = old.per_micro_batch[index].get("logprobs")  # None off the last stage
+                    micro_batch["old_routing"] = old.per_micro_batch[index].get("routing")
+        if objective.needs_reference_logprobs:
+            reference = policy_logprobs(self.frozen, micro_batches, self.vocab_size, fused_logprobs=self.fused_logprobs)
+            for micro_batch, logprobs in zip(micro_batches, reference or []):
+                micro_batch["reference_logprobs"] = logprobs

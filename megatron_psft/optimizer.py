@@ -1,27 +1,11 @@
-"""Megatron-Core's DDP, (distributed) Adam and learning-rate / weight-decay scheduler, wired up."""
+"""Megatron-Core's DDP, (distributed) Adam and learning-rate / weight-decay scheduler, wired up; and the
+fix-ups torch's Adam needs when Megatron loads its state."""
 
-from dataclasses import dataclass
 from typing import List
 
 import torch
 
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """Defaults are the paper's PSFT settings (tables 6/11/13)."""
-
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.1
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    lr_warmup_steps: int = 10
-    lr_decay_steps: int = 0  # 0: decay over the whole run, reaching min_lr just after the last step
-    lr_decay_style: str = "cosine"
-    use_distributed_optimizer: bool = True
-    overlap_grad_reduce: bool = False
+from megatron_psft.config import OptimConfig
 
 
 def wrap_with_ddp(model_chunks, transformer_config, optim: OptimConfig) -> List[torch.nn.Module]:
@@ -99,3 +83,26 @@ def build_optimizer(model_chunks, optim: OptimConfig, params_dtype: torch.dtype,
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def init_state_for_loading(optimizer) -> None:
+    """Create Adam's empty state, which the sharded optimizer state dict is built from before loading.
+    Megatron's init_state_fn leaves out torch Adam's per-parameter ``step`` (kept per group by the
+    Apex/TE Adams), which the distributed optimizer reads without them."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        sub.init_state_fn(sub.optimizer, sub.config)
+        if isinstance(sub.optimizer, torch.optim.Adam):
+            for state in sub.optimizer.state.values():
+                state.setdefault("step", torch.tensor(0.0))
+
+
+def restore_adam_steps(optimizer) -> None:
+    """Megatron restores Adam's step count into the param groups (where the Apex/TE Adams keep it);
+    torch's Adam reads it per parameter, so its bias correction would restart at step 1."""
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(sub.optimizer, torch.optim.Adam):
+            continue
+        for group in sub.optimizer.param_groups:
+            if "step" in group:
+                for param in group["params"]:
+                    sub.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))

@@ -5,34 +5,11 @@ for set-up."""
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Megatron's parallel sizes. Data parallelism is whatever the world size leaves over."""
-
-    tensor: int = 1
-    pipeline: int = 1
-    expert: int = 1
-    expert_tensor: Optional[int] = None  # None: same as `tensor`
-    virtual_pipeline: Optional[int] = None
-    sequence_parallel: bool = False
-
-    def __post_init__(self):
-        if self.sequence_parallel and self.tensor == 1:
-            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-
-    def data_parallel_size(self, world_size: int) -> int:
-        model_parallel = self.tensor * self.pipeline
-        if world_size % model_parallel:
-            raise ValueError(f"world size {world_size} is not divisible by TP x PP = {model_parallel} "
-                             "(--tensor-model-parallel-size x --pipeline-model-parallel-size)")
-        return world_size // model_parallel
+from megatron_psft.config import ParallelLayout
 
 
 def use_cpu() -> bool:
@@ -130,7 +107,9 @@ def device() -> torch.device:
 
 def is_reporting_rank() -> bool:
     """The rank that prints and writes metrics: the last, which holds the last pipeline stage (the loss)."""
-    return not dist.is_initialized() or dist.get_rank() == dist.get_world_size() - 1
+    if not dist.is_initialized():  # before start-up: torchrun's environment says which rank this is
+        return int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+    return dist.get_rank() == dist.get_world_size() - 1
 
 
 def print_rank_last(*args) -> None:

@@ -155,38 +155,49 @@ def _count(number: int) -> str:
     return f"{number / 1e9:.3f} B" if number >= 1e8 else f"{number / 1e6:.3f} M"
 
 
-def format_plan(*, platform: Platform, model_args: Qwen3MoeArgs, config, sizes: Sizes, args) -> str:
-    """The dry run's report."""
+def format_plan(launch) -> str:
+    """The dry run's report of a :class:`~megatron_psft.launch.Launch`."""
+    config, model_args, sizes = launch.config, launch.model_args, launch.sizes
+    transformer_config, data, model = launch.transformer_config, launch.config.data, launch.config.model
     params = parameters_per_gpu(model_args, sizes)
-    memory = memory_per_gpu(model_args, config, sizes, platform, args.seq_length, args.micro_batch_size,
-                            args.global_batch_size, args.use_distributed_optimizer)
-    micro_batches = args.global_batch_size // (sizes.data * args.micro_batch_size)
-    recompute = "off"
-    if config.recompute_granularity == "selective":
-        recompute = "selective: " + " ".join(config.recompute_modules or [])
-    elif config.recompute_granularity == "full":
-        recompute = f"full ({config.recompute_method}, {config.recompute_num_layers} layers)"
+    memory = launch.memory_estimate()
     moe = (f", {model_args.num_experts} experts top-{model_args.moe_top_k}" if model_args.is_moe else ", dense")
-    fp8 = f"FP8 {config.fp8} ({config.fp8_recipe})" if config.fp8 else "no FP8"
+    fp8 = f"FP8 {transformer_config.fp8} ({transformer_config.fp8_recipe})" if transformer_config.fp8 else "no FP8"
     unit, scale = ("GiB", 1) if memory["total"] >= 1 else ("MiB", 1024)
+    interval = config.old_policy.old_policy_interval
+    distributed = config.optimizer.use_distributed_optimizer
     lines = [
         "megatron-psft plan (dry run: nothing launched, nothing loaded)",
-        f"  platform     {platform.describe()}",
+        f"  platform     {launch.platform.describe()}",
         f"  model        {model_args.num_layers} layers, hidden {model_args.hidden_size}{moe}, "
         f"vocab {model_args.vocab_size}",
-        f"  world        {sizes.world} {'GPUs' if platform.cuda else 'processes'}: TP{sizes.tensor} x PP{sizes.pipeline} x DP{sizes.data}, "
-        f"SP {'on' if sizes.sequence_parallel else 'off'}, VPP {sizes.virtual_pipeline}",
+        f"  world        {sizes.world} {'GPUs' if launch.platform.cuda else 'processes'}: TP{sizes.tensor} x "
+        f"PP{sizes.pipeline} x DP{sizes.data}, SP {'on' if sizes.sequence_parallel else 'off'}, VPP {sizes.virtual_pipeline}",
         f"  experts      EP{sizes.expert} x ETP{sizes.expert_tensor} x expert-DP{sizes.expert_data}",
-        (f"  batch        global {args.global_batch_size} samples packed into rows of seq {args.seq_length}, "
-         f"{args.micro_batch_size} row(s) per micro-batch, DP{sizes.data}" if args.pack_sequences else
-         f"  batch        global {args.global_batch_size} = DP{sizes.data} x micro {args.micro_batch_size} x "
-         f"{micro_batches} micro-batches, seq {args.seq_length}"),
-        f"  precision    {args.params_dtype}, {fp8}, grouped GEMM {'on' if config.moe_grouped_gemm else 'off'}, "
-        f"recompute {recompute}",
-        f"  objective    {args.objective}, old policy "
-        + (f"every {args.old_policy_interval} steps" if args.old_policy_interval else "never refreshed"),
+        _batch_line(data, sizes),
+        f"  precision    {model.params_dtype}, {fp8}, grouped GEMM {'on' if transformer_config.moe_grouped_gemm else 'off'}, "
+        f"recompute {_recompute(transformer_config)}",
+        f"  objective    {config.objective.name}, old policy "
+        + (f"every {interval} steps" if interval else "never refreshed"),
         f"  params/GPU   dense {_count(params['dense'])}, expert {_count(params['expert'])}",
-        f"  memory/GPU   estimate, {unit} ({'distributed' if args.use_distributed_optimizer else 'replicated'} optimizer):",
+        f"  memory/GPU   estimate, {unit} ({'distributed' if distributed else 'replicated'} optimizer):",
     ]
     lines += [f"    {name:<44} {value * scale:7.1f}" for name, value in memory.items()]
     return "\n".join(lines)
+
+
+def _batch_line(data, sizes: Sizes) -> str:
+    if data.pack_sequences:
+        return (f"  batch        global {data.global_batch_size} samples packed into rows of seq {data.seq_length}, "
+                f"{data.micro_batch_size} row(s) per micro-batch, DP{sizes.data}")
+    micro_batches = data.global_batch_size // (sizes.data * data.micro_batch_size)
+    return (f"  batch        global {data.global_batch_size} = DP{sizes.data} x micro {data.micro_batch_size} x "
+            f"{micro_batches} micro-batches, seq {data.seq_length}")
+
+
+def _recompute(transformer_config) -> str:
+    if transformer_config.recompute_granularity == "selective":
+        return "selective: " + " ".join(transformer_config.recompute_modules or [])
+    if transformer_config.recompute_granularity == "full":
+        return f"full ({transformer_config.recompute_method}, {transformer_config.recompute_num_layers} layers)"
+    return "off"

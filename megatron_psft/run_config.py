@@ -1,5 +1,5 @@
 """``SAVE/run_config.json``: what produced a run, next to its checkpoints, as plain JSON (no pickle):
-the resolved flags, Megatron-Core's TransformerConfig, the package versions and the git revision."""
+the run's configuration, Megatron-Core's TransformerConfig, the package versions and the git revision."""
 
 import dataclasses
 import json
@@ -46,9 +46,9 @@ def versions(platform) -> dict:
             "python": python_platform.python_version(), "cuda": torch.version.cuda}
 
 
-def run_config(args, transformer_config, platform, world_size: int) -> dict:
+def run_config(config, transformer_config, platform, world_size: int) -> dict:
     return {
-        "args": _jsonable(vars(args)),
+        "config": config.to_dict(),
         "world_size": world_size,
         "transformer_config": {field.name: _jsonable(getattr(transformer_config, field.name))
                                for field in dataclasses.fields(transformer_config)},

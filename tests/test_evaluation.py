@@ -193,7 +193,7 @@ def _trainer_runs(paths, root):
     steps; the same stopped after step 2 (--exit-interval) and resumed, into one metrics file; and
     without evaluation."""
     from megatron_psft import parallel
-    from megatron_psft.train import Trainer, parse_args
+    from megatron_psft.train import Trainer, parse_launch
 
     common = ["--pretrained-checkpoint", paths["megatron"], "--data-prefix", paths["sets"]["chat"],
               "--seq-length", str(SEQ), "--global-batch-size", str(GLOBAL_BATCH), "--micro-batch-size", "1",
@@ -206,7 +206,7 @@ def _trainer_runs(paths, root):
             "resumed": evaluation + ["--save", f"{root}/resumed", "--load", f"{root}/resumed"],
             "without": ["--metrics-file", f"{root}/without.jsonl"]}
     for argv in runs.values():
-        Trainer(parse_args(common + argv)).run()
+        Trainer(parse_launch(common + argv)).run()
         parallel.destroy()
 
 
@@ -331,7 +331,7 @@ def test_trainer_evaluates_at_0_every_interval_and_the_end_and_resumes_exactly(w
 # --- flags, batches and the logger (no launch) -------------------------------------------------------
 
 def test_eval_data_prefix_names_and_refusals():
-    from megatron_psft.evaluation import parse_eval_data_prefix
+    from megatron_psft.config import parse_eval_data_prefix
 
     assert parse_eval_data_prefix(["chat=/data/a", "code-v2=/data/b=c"]) == {"chat": "/data/a", "code-v2": "/data/b=c"}
     for bad, why in (("/data/a", "expected NAME=PREFIX"), ("chat=", "expected NAME=PREFIX"),

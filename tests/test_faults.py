@@ -43,12 +43,14 @@ class _Run:
         self.returncode, self.output = returncode, output
 
 
-def _torchrun(flags, log_path, env=None, wait=True):
+def _torchrun(flags, log_path, env=None, wait=True, kill_at=None):
     """2-rank training through torchrun in its own session, its output in `log_path`. Waits for it
     and then ends whatever it left behind (a killed rank's peers, their children), or returns it
-    running with `wait=False`."""
+    running with `wait=False`. `kill_at` = (save point, rank): that rank dies there (kill_during_save.py)."""
+    trainer = (["-m", "megatron_psft.train"] if kill_at is None else
+               [os.path.join(ROOT, "tests", "kill_during_save.py"), kill_at[0], str(kill_at[1])])
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), "-m", "megatron_psft.train", *COMMON, *flags]
+               str(_free_port()), *trainer, *COMMON, *flags]
     process_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT,
@@ -84,8 +86,7 @@ def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_and_resumes_e
         root = tmp_path / point
         shutil.copytree(first, root)
         killed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)],
-                           tmp_path / f"{point}_killed.log", env={"PSFT_TEST_KILL_AT": point,
-                                                                   "PSFT_TEST_KILL_RANK": str(rank)})
+                           tmp_path / f"{point}_killed.log", kill_at=(point, rank))
         assert killed.returncode != 0, (point, "the kill hook did not fire")
         assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2", point
         resumed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)],
@@ -132,14 +133,14 @@ def _resume_rules(tmp, data_prefix):
 
     from megatron_psft import checkpoint, parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
-    from megatron_psft.train import Trainer, parse_args
+    from megatron_psft.train import Trainer, parse_launch
 
     base = COMMON + ["--data-prefix", data_prefix, "--objective", "sft", "--lr-decay-style", "cosine"]
     tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 
     def train(argv):
         try:
-            Trainer(parse_args(base + argv)).run()
+            Trainer(parse_launch(base + argv)).run()
             return "ok"
         except ValueError as error:
             return str(error)

@@ -13,7 +13,8 @@ from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, transfo
 from megatron_psft.parallel import ParallelLayout
 from megatron_psft.plan import Sizes, memory_per_gpu, parameters_per_gpu
 from megatron_psft.platform import MIN_TRANSFORMER_ENGINE, Platform
-from megatron_psft.arguments import parse_args
+from megatron_psft.config import DataConfig, TrainConfig
+from megatron_psft.launch import check_data, parse_launch
 
 GPU_NO_TE = Platform(cuda=True, transformer_engine=None, megatron_core="0.19.2", assumed=True)
 GPU_TE = Platform(cuda=True, transformer_engine=MIN_TRANSFORMER_ENGINE, megatron_core="0.19.2", assumed=True)
@@ -91,7 +92,7 @@ CLUSTER = ["--hf-config", "30b-a3b", "--train-iters", "100", "--data-prefix", "u
 def test_bad_combinations_are_refused_at_parsing_naming_the_flags(flags, world_size, named, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     with pytest.raises(SystemExit) as exit_info:
-        parse_args(CLUSTER + flags)
+        parse_launch(CLUSTER + flags)
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.splitlines()[-1]
     for flag in named:
@@ -100,19 +101,19 @@ def test_bad_combinations_are_refused_at_parsing_naming_the_flags(flags, world_s
 
 def test_the_cluster_defaults_parse(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "16")
-    args = parse_args(CLUSTER + ["--fp8-recipe", "tensorwise"])
+    args = parse_launch(CLUSTER + ["--fp8-recipe", "tensorwise"]).config.model
     assert args.params_dtype == "bf16"  # planned for a GPU
 
 
 def test_data_prefix_is_required_outside_a_dry_run(capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--train-iters", "4"])
+        parse_launch(["--train-iters", "4"])
     assert "--data-prefix is required" in capsys.readouterr().err
 
 
 def test_fp8_on_this_machine_is_refused(capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--train-iters", "4", "--data-prefix", "x", "--fp8-format", "hybrid"])
+        parse_launch(["--train-iters", "4", "--data-prefix", "x", "--fp8-format", "hybrid"])
     assert "needs Transformer Engine" in capsys.readouterr().err
 
 
@@ -205,10 +206,10 @@ def test_resume_keeps_rng_states_on_the_host_and_moves_the_old_policy_to_the_dev
         def load_state_dict(self, state):
             restored["old_policy"] = state
 
-    args = parse_args(["--train-iters", "4", "--data-prefix", "x", "--dry-run"])
+    config = parse_launch(["--train-iters", "4", "--data-prefix", "x", "--dry-run"]).config
     scheduler = type("Scheduler", (), {"state_dict": lambda self: {}})()
     monkeypatch.setattr("megatron_psft.checkpoint.dist.get_world_size", lambda: 1)
-    assert checkpoint.resume(str(tmp_path), args, None, None, scheduler, None, _OldPolicy()) == 3
+    assert checkpoint.resume(str(tmp_path), config, None, None, scheduler, None, _OldPolicy()) == 3
     assert restored["model-parallel-rng"].device.type == "cpu"
     assert restored["old_policy"]["outputs"][3][0]["logprobs"].device.type == "meta"
 
@@ -229,12 +230,10 @@ def test_setup_declares_the_transformer_engine_the_platform_requires():
     (dict(vocab_size=1000, seq_length=256), "preprocessed for --seq-length 256 > 128"),
 ])
 def test_data_that_does_not_fit_is_refused(meta, message):
-    from megatron_psft.arguments import check_data
-
-    args = parse_args(["--train-iters", "4", "--data-prefix", "/data/chat", "--seq-length", "128"])
+    config = TrainConfig(data=DataConfig(data_prefix="/data/chat", seq_length=128))
     with pytest.raises(ValueError, match=message):
-        check_data(meta, _args("debug"), args)
-    check_data(dict(vocab_size=1000, seq_length=128), _args("debug"), args)  # the boundary fits
+        check_data(meta, _args("debug"), config, "/data/chat")
+    check_data(dict(vocab_size=1000, seq_length=128), _args("debug"), config, "/data/chat")  # the boundary fits
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -260,5 +259,5 @@ def test_data_that_does_not_fit_is_refused(meta, message):
 ])
 def test_flags_that_would_be_dropped_or_are_out_of_range_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--train-iters", "4", "--data-prefix", "x", *flags])
+        parse_launch(["--train-iters", "4", "--data-prefix", "x", *flags])
     assert message in capsys.readouterr().err

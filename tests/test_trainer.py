@@ -69,9 +69,9 @@ def _snapshot(root):
 
 
 def _train(argv):
-    from megatron_psft.train import Trainer, parse_args
+    from megatron_psft.train import Trainer, parse_launch
 
-    trainer = Trainer(parse_args(argv))
+    trainer = Trainer(parse_launch(argv))
     trainer.run()
     return trainer
 
@@ -146,7 +146,7 @@ def _scenarios(tmp, data_prefix):
     trainer = _train(start + ["--train-iters", "3", "--old-policy-interval", "never",
                               "--metrics-file", os.path.join(tmp, "never.jsonl")])
     frozen, trained = _weights(trainer.frozen), _weights(trainer.model)
-    initial_chunks = build_model_chunks(args, transformer_config(args, trainer.layout))
+    initial_chunks = build_model_chunks(args, transformer_config(args, trainer.launch.layout))
     checkpoint.load_model(init, initial_chunks)
     initial = _weights(initial_chunks)
     never = {"frozen_is_initial": all(torch.equal(frozen[k], initial[k]) for k in initial),

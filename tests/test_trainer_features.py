@@ -128,10 +128,10 @@ def _non_finite_gradient(start, tmp, name, value):
 
     from megatron_psft import parallel
     from megatron_psft.optimizer import unwrap
-    from megatron_psft.train import Trainer, parse_args
+    from megatron_psft.train import Trainer, parse_launch
 
     save = os.path.join(tmp, name)
-    trainer = Trainer(parse_args(start + ["--train-iters", "2", "--save", save]))
+    trainer = Trainer(parse_launch(start + ["--train-iters", "2", "--save", save]))
     before = _weights(trainer.model)
     param = dict(unwrap(trainer.model[0]).named_parameters())["decoder.layers.1.self_attention.linear_qkv.weight"]
     param.register_hook(lambda grad: torch.full_like(grad, value))
@@ -186,8 +186,8 @@ def _features(tmp, data_prefix, configs):
             distributed_optimizer=ddp.use_distributed_optimizer, overlap_grad_reduce=ddp.overlap_grad_reduce,
             dispatcher=config.moe_token_dispatcher_type, recompute=config.recompute_granularity,
             params_dtype=str(config.params_dtype), aux_loss_coeff=config.moe_aux_loss_coeff,
-            old_policy_micro_batch_size=trainer.args.old_policy_micro_batch_size,
-            fused_logprobs=trainer.args.fused_logprobs)
+            old_policy_micro_batch_size=trainer.config.old_policy.old_policy_micro_batch_size,
+            fused_logprobs=trainer.config.model.fused_logprobs)
         parallel.destroy()
     results["settings"] = settings
 
