@@ -34,6 +34,71 @@ def _check_layout(args: Qwen3MoeArgs, layout: ParallelLayout) -> None:
                          f" x --virtual-pipeline-model-parallel-size {layout.virtual_pipeline or 1}")
 
 
+# TransformerConfig fields, declared: the model's shapes from its HF config, the settings every Qwen3 layer
+# shares, and (MoE) the router HF's Qwen3-MoE uses.
+_FROM_MODEL_ARGS = {
+    "num_layers": "num_layers", "hidden_size": "hidden_size", "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_kv_heads", "kv_channels": "head_dim", "ffn_hidden_size": "ffn_hidden_size",
+    "layernorm_epsilon": "rms_norm_eps", "init_method_std": "initializer_range",
+}
+_QWEN3_LAYER = dict(
+    normalization="RMSNorm", qk_layernorm=True, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+    add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0, bias_activation_fusion=False,
+    persist_layer_norm=False,
+    calculate_per_token_loss=True,  # PSFT's token mean over the whole global batch
+)
+_FROM_MOE_ARGS = {"num_moe_experts": "num_experts", "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+                  "moe_router_topk": "moe_top_k"}
+_QWEN3_ROUTER = dict(
+    moe_router_score_function="softmax", moe_router_dtype="fp32",  # HF routes in fp32
+    moe_router_load_balancing_type="aux_loss",
+)
+
+
+def _layout_fields(layout: ParallelLayout) -> dict:
+    return dict(
+        tensor_model_parallel_size=layout.tensor, pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline, expert_model_parallel_size=layout.expert,
+        expert_tensor_parallel_size=layout.expert_tensor or layout.tensor, sequence_parallel=layout.sequence_parallel,
+        # The interleaved schedule's batched exchange sends an activation forward and a gradient back in
+        # one batch_isend_irecv; at PP=2 both go to the same peer and arrive swapped (same-peer messages
+        # pair in posting order, which the two stages post in opposite roles): wrong loss and gradients
+        # once a rank has more micro-batches than stages. Megatron-LM's own VPP default avoids it.
+        overlap_p2p_comm=bool(layout.virtual_pipeline), batch_p2p_comm=not layout.virtual_pipeline,
+    )
+
+
+def _platform_fields(platform: platforms.Platform, params_dtype: torch.dtype, pack_sequences: bool) -> dict:
+    """Each fused kernel only where it exists; the rest run Megatron's reference implementations. Kernels
+    that import only on the target machine are switched on when it is actually there (not when planned)."""
+    te = platform.use_transformer_engine
+    return dict(
+        params_dtype=params_dtype, pipeline_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16, use_cpu_initialization=not platform.cuda,
+        gradient_accumulation_fusion=te and platform.grad_accumulation_fusion,
+        # Packed rows on the local spec attend through a block-diagonal mask, which Megatron's fused causal
+        # softmax kernel would ignore (it applies its own upper-triangular mask).
+        masked_softmax_fusion=platform.fused_softmax and not (pack_sequences and not te),
+        apply_rope_fusion=te and not platform.assumed,
+    )
+
+
+def _moe_fields(args: Qwen3MoeArgs, platform: platforms.Platform, dispatcher: str, grouped_gemm: Optional[bool],
+                aux_loss_coeff: Optional[float], routing_replay: bool) -> dict:
+    if not args.is_moe:
+        return {}
+    te = platform.use_transformer_engine
+    return dict(
+        {name: getattr(args, field) for name, field in _FROM_MOE_ARGS.items()}, **_QWEN3_ROUTER,
+        # HF: softmax over all experts, top-k, renormalise if norm_topk_prob. Megatron computes the
+        # renormalised form as top-k then softmax (pre_softmax=False), the plain one as pre-softmax.
+        moe_router_pre_softmax=not args.norm_topk_prob,
+        moe_aux_loss_coeff=args.router_aux_loss_coef if aux_loss_coeff is None else aux_loss_coeff,
+        moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=te if grouped_gemm is None else grouped_gemm,
+        moe_permute_fusion=te and not platform.assumed, moe_enable_routing_replay=routing_replay,
+    )
+
+
 def transformer_config(
     args: Qwen3MoeArgs,
     layout: ParallelLayout,
@@ -51,88 +116,23 @@ def transformer_config(
     platform: Optional[platforms.Platform] = None,
     **overrides,
 ):
-    """The ``TransformerConfig`` for `args` under `layout` on `platform` (default: this machine).
-    `overrides` go to TransformerConfig as is."""
+    """The ``TransformerConfig`` for `args` under `layout` on `platform` (default: this machine), from the
+    tables above. `overrides` go to TransformerConfig as is."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     platform = platform or platforms.current()
     platform.check(moe=args.is_moe, fp8=fp8, moe_grouped_gemm=moe_grouped_gemm,
                    recompute_modules=recompute_modules if recompute_granularity == "selective" else None)
-    te = platform.use_transformer_engine
-    # Kernels that import only on the target machine are switched on when it is actually there.
-    te_kernels = te and not platform.assumed
     _check_layout(args, layout)
-    moe = {}
-    if args.is_moe:
-        moe = dict(
-            num_moe_experts=args.num_experts,
-            moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-            moe_router_topk=args.moe_top_k,
-            # HF: softmax over all experts, top-k, renormalise if norm_topk_prob. Megatron computes the
-            # renormalised form as top-k then softmax (pre_softmax=False), the plain one as pre-softmax.
-            moe_router_pre_softmax=not args.norm_topk_prob,
-            moe_router_score_function="softmax",
-            moe_router_dtype="fp32",  # HF routes in fp32
-            moe_router_load_balancing_type="aux_loss",
-            moe_aux_loss_coeff=args.router_aux_loss_coef if moe_aux_loss_coeff is None else moe_aux_loss_coeff,
-            moe_token_dispatcher_type=moe_token_dispatcher,
-            moe_grouped_gemm=te if moe_grouped_gemm is None else moe_grouped_gemm,
-            moe_permute_fusion=te_kernels,
-            moe_enable_routing_replay=routing_replay,
-        )
-    fp8_settings = dict(fp8=fp8, fp8_recipe=fp8_recipe) if fp8 else {}
-    recompute = {}
+    config = {name: getattr(args, field) for name, field in _FROM_MODEL_ARGS.items()}
+    config.update(_QWEN3_LAYER, **_layout_fields(layout), **_platform_fields(platform, params_dtype, pack_sequences),
+                  **_moe_fields(args, platform, moe_token_dispatcher, moe_grouped_gemm, moe_aux_loss_coeff,
+                                routing_replay))
+    if fp8:
+        config.update(fp8=fp8, fp8_recipe=fp8_recipe)
     if recompute_granularity:
-        recompute = dict(recompute_granularity=recompute_granularity)
-        if recompute_modules:
-            recompute["recompute_modules"] = recompute_modules
-    config = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_kv_heads,
-        kv_channels=args.head_dim,
-        ffn_hidden_size=args.ffn_hidden_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=args.rms_norm_eps,
-        qk_layernorm=True,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=args.initializer_range,
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        # The interleaved schedule's batched exchange sends an activation forward and a gradient back in
-        # one batch_isend_irecv; at PP=2 both go to the same peer and arrive swapped (same-peer messages
-        # pair in posting order, which the two stages post in opposite roles): wrong loss and gradients
-        # once a rank has more micro-batches than stages. Megatron-LM's own VPP default avoids it.
-        overlap_p2p_comm=bool(layout.virtual_pipeline),
-        batch_p2p_comm=not layout.virtual_pipeline,
-        expert_model_parallel_size=layout.expert,
-        expert_tensor_parallel_size=layout.expert_tensor or layout.tensor,
-        sequence_parallel=layout.sequence_parallel,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        use_cpu_initialization=not platform.cuda,
-        # Each fused kernel only where it exists; the rest run Megatron's reference implementations.
-        gradient_accumulation_fusion=te and platform.grad_accumulation_fusion,
-        bias_activation_fusion=False,
-        # Packed rows on the local spec attend through a block-diagonal mask, which Megatron's fused causal
-        # softmax kernel would ignore (it applies its own upper-triangular mask).
-        masked_softmax_fusion=platform.fused_softmax and not (pack_sequences and not te),
-        apply_rope_fusion=te_kernels,
-        persist_layer_norm=False,
-        calculate_per_token_loss=True,  # PSFT's token mean over the whole global batch
-        **moe,
-        **fp8_settings,
-        **recompute,
-    )
+        config.update(recompute_granularity=recompute_granularity,
+                      **({"recompute_modules": recompute_modules} if recompute_modules else {}))
     config.update(overrides)
     with platform.as_megatron_sees_it():
         return TransformerConfig(**config)
