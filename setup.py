@@ -10,7 +10,7 @@ setup(
     entry_points={
         "console_scripts": [
             "megatron-psft-preprocess = megatron_psft.data.preprocess:main",
-            "megatron-psft-clipped-tokens = megatron_psft.clipped_tokens:main",
+            "megatron-psft-clipped-tokens = megatron_psft.reports.clipped_tokens:main",
         ],
     },
     python_requires=">=3.10",
@@ -31,7 +31,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]>=2.6,<3", "nvidia-modelopt"],
         "apex": ["apex"],
         "metrics": ["tensorboard", "matplotlib"],
-        "plot": ["matplotlib"],  # python -m megatron_psft.plot
+        "plot": ["matplotlib"],  # python -m megatron_psft.reports.plot
         "test": ["pytest"],
     },
 )

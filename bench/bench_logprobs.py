@@ -36,15 +36,16 @@ def _peak_rss_bytes() -> int:
 def _run_method(method, tokens, vocab, dtype_name, repeats, hidden_size):
     import torch
 
-    from megatron_psft.precision import parse_dtype
+    from megatron_psft.platform.precision import parse_dtype
 
     torch.manual_seed(0)
     dtype = parse_dtype(dtype_name)
     labels = torch.randint(0, vocab, (tokens, 1))
     upstream = torch.randn(tokens, 1)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-    from megatron_psft import parallel, vocab_parallel_logprobs
-    from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs
+    from megatron_psft import vocab_parallel_logprobs
+    from megatron_psft.platform import parallel
+    from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs
 
     if method == "megatron_cross_entropy":
         parallel.initialize(parallel.ParallelLayout())
@@ -122,9 +123,10 @@ def _cuda_bench(args):
     import torch
 
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-    from megatron_psft import parallel, vocab_parallel_logprobs
-    from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs
-    from megatron_psft.precision import parse_dtype
+    from megatron_psft import vocab_parallel_logprobs
+    from megatron_psft.platform import parallel
+    from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs
+    from megatron_psft.platform.precision import parse_dtype
 
     parallel.initialize(parallel.ParallelLayout())  # Megatron's cross entropy reads its TP group
     device = torch.device("cuda")

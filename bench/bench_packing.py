@@ -48,7 +48,7 @@ class LogNormalSamples:
 
 
 def _tokens_per_second(argv, dataset, steps):
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
     from megatron_psft.train import Trainer, parse_launch
 
     trainer = Trainer(parse_launch(argv + ["--train-iters", str(steps + 1)]))

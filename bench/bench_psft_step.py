@@ -33,7 +33,7 @@ def variants(micro_batch_size: int) -> dict:
 
 
 def _timed_steps(argv, steps, warmup_steps):
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
     from megatron_psft.train import Trainer, parse_launch
 
     trainer = Trainer(parse_launch(argv + ["--train-iters", str(steps)]))

@@ -12,7 +12,7 @@
 #    splits at step 0, every EVAL_INTERVAL steps and at the end.
 # 4. OUT_DIR/table.md (last step and matched in-domain NLL, examples/toy_fidelity/summarise.py),
 #    OUT_DIR/tradeoff.png (out-of-domain NLL and entropy against in-domain NLL) and OUT_DIR/curves.png
-#    (python -m megatron_psft.plot: every metric against the step).
+#    (python -m megatron_psft.reports.plot: every metric against the step).
 #
 # SETTING=full (default: 7.5 CPU-minutes; 18 min wall on a shared, loaded 2-core machine) or
 # SETTING=smoke (the test's, seconds of training; its numbers mean nothing). Every knob below is a
@@ -92,6 +92,6 @@ done
 "$PYTHON" "$ROOT/examples/toy_fidelity/summarise.py" "${RUN_ARGS[@]}" --in-domain B --out-of-domain A \
   --table "$OUT_DIR/table.md" --summary-json "$OUT_DIR/summary.json" --plot "$OUT_DIR/tradeoff.png"
 # shellcheck disable=SC2086
-"$PYTHON" -m megatron_psft.plot $(for objective in $OBJECTIVES; do echo "$OUT_DIR/runs/$objective"; done) \
+"$PYTHON" -m megatron_psft.reports.plot $(for objective in $OBJECTIVES; do echo "$OUT_DIR/runs/$objective"; done) \
   -o "$OUT_DIR/curves.png"
 echo "[toy_fidelity] wrote $OUT_DIR/table.md, $OUT_DIR/tradeoff.png and $OUT_DIR/curves.png"

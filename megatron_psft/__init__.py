@@ -1,7 +1,7 @@
 """megatron-psft: Proximal Supervised Fine-Tuning (arXiv 2508.17784) on Megatron-Core."""
 
-from megatron_psft.logprobs import vocab_parallel_logprobs
-from megatron_psft.objectives import (
+from megatron_psft.kernels.logprobs import vocab_parallel_logprobs
+from megatron_psft.psft.objectives import (
     ObjectiveConfig,
     dft_loss,
     iw_sft_loss,
@@ -11,7 +11,7 @@ from megatron_psft.objectives import (
     sft_kl_loss,
     sft_loss,
 )
-from megatron_psft.metrics import reduce_metrics
+from megatron_psft.observability.metrics import reduce_metrics
 
 __version__ = "0.1.0"
 

@@ -26,9 +26,9 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import parallel
-from megatron_psft.optimizer import init_state_for_loading, restore_adam_steps, unwrap
-from megatron_psft.run_config import write_run_config
+from megatron_psft.platform import parallel
+from megatron_psft.engine.optimizer import init_state_for_loading, restore_adam_steps, unwrap
+from megatron_psft.observability.run_config import write_run_config
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 HF_CONFIG_FILE = "hf_config.json"

@@ -13,14 +13,15 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from megatron_psft import checkpoint, parallel
+from megatron_psft import checkpoint
+from megatron_psft.platform import parallel
 from megatron_psft import platform as platforms
 from megatron_psft.config import ConfigError, TrainConfig
 from megatron_psft.config.flags import CommandLine, parse_config, refuse
 from megatron_psft.data import SFTDataset, check_tokenizer
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, transformer_config
 from megatron_psft.plan import GiB, Sizes, memory_per_gpu
-from megatron_psft.precision import parse_dtype
+from megatron_psft.platform.precision import parse_dtype
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ distributed optimizer on one H100 peaked at 44.6 GiB allocated; this estimate gi
 from dataclasses import dataclass
 from typing import Dict
 
-from megatron_psft.logprobs import CHUNK_BUFFER_BYTES
+from megatron_psft.kernels.logprobs import CHUNK_BUFFER_BYTES
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, padded_vocab_size
-from megatron_psft.parallel import ParallelLayout
+from megatron_psft.platform.parallel import ParallelLayout
 from megatron_psft.platform import Platform
 
 GiB = 2**30

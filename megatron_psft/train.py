@@ -3,8 +3,8 @@
 flags -> :class:`~megatron_psft.config.TrainConfig` (:mod:`megatron_psft.config.flags`) -> a
 :class:`~megatron_psft.launch.Launch` resolved once (:mod:`megatron_psft.launch`) -> :class:`Trainer`.
 One step reads top-down: this rank's micro-batches of the global batch (:mod:`megatron_psft.data.batching`)
--> the old-policy or reference log-probs the objective needs (:mod:`megatron_psft.old_policy`) ->
-forward, log-probs, objective and Megatron's schedule (:func:`megatron_psft.step.train_step`) ->
+-> the old-policy or reference log-probs the objective needs (:mod:`megatron_psft.psft.old_policy`) ->
+forward, log-probs, objective and Megatron's schedule (:func:`megatron_psft.engine.step.train_step`) ->
 metrics -> checkpoint.
 """
 
@@ -16,24 +16,26 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import checkpoint, parallel, routing
-from megatron_psft.clipped_tokens import ClippedTokensWriter, path_next_to
+from megatron_psft import checkpoint
+from megatron_psft.platform import parallel
+from megatron_psft.psft import routing
+from megatron_psft.observability.clipped_tokens import ClippedTokensWriter, path_next_to
 from megatron_psft.config import ObjectiveConfig
 from megatron_psft.data import global_batch_indices
 from megatron_psft.data.batching import Batching, rank_micro_batches
-from megatron_psft.evaluation import EvalSettings, evaluate
+from megatron_psft.engine.evaluation import EvalSettings, evaluate
 from megatron_psft.launch import Launch, parse_launch
-from megatron_psft.logger import MetricsLogger
-from megatron_psft.metrics import model_flops_per_token, step_record
+from megatron_psft.observability.logger import MetricsLogger
+from megatron_psft.observability.metrics import model_flops_per_token, step_record
 from megatron_psft.models.qwen3_moe import build_model_chunks
-from megatron_psft.old_policy import OldPolicy, PolicyPasses, RoundSchedule, freeze_copy
-from megatron_psft.optimizer import build_optimizer, wrap_with_ddp
+from megatron_psft.psft.old_policy import OldPolicy, PolicyPasses, RoundSchedule, freeze_copy
+from megatron_psft.engine.optimizer import build_optimizer, wrap_with_ddp
 from megatron_psft.plan import format_plan
-from megatron_psft.precision import parse_dtype
-from megatron_psft.run_config import run_config, write_run_config
-from megatron_psft.step import micro_batch_multiple, train_step
-from megatron_psft.stopping import ExitConditions
-from megatron_psft.timers import Profiler, Timers
+from megatron_psft.platform.precision import parse_dtype
+from megatron_psft.observability.run_config import run_config, write_run_config
+from megatron_psft.engine.step import micro_batch_multiple, train_step
+from megatron_psft.engine.stopping import ExitConditions
+from megatron_psft.observability.timers import Profiler, Timers
 
 
 class Trainer:

@@ -26,7 +26,7 @@ def _worker(rank, world_size, port, fn, args, queue):
 
     torch.set_num_threads(1)
     try:
-        from megatron_psft import parallel
+        from megatron_psft.platform import parallel
 
         parallel.init_process_group(timeout_minutes=5)
         queue.put((rank, "ok", fn(*args)))

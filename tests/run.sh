@@ -5,7 +5,7 @@
 #     LEG: py311 (default: Python 3.11, megatron-core 0.16.1) or py312 (Python 3.12, 0.19.2);
 #     see tools/setup_env.sh. Extra arguments go to pytest (e.g. -x, -k NAME, tests/test_data.py).
 #
-# CUDA is hidden, so the same suite runs on CPU through megatron_psft/cpu_compat.py on a GPU
+# CUDA is hidden, so the same suite runs on CPU through megatron_psft/platform/cpu_compat.py on a GPU
 # machine too. tests/gpu is the GPU tier and has its own runner; it is not collected here.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

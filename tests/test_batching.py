@@ -140,9 +140,9 @@ def test_packing_needs_fewer_rows_on_skewed_lengths():
 
 
 def _logprobs_padded_and_packed():
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
-    from megatron_psft.step import policy_logprobs
+    from megatron_psft.engine.step import policy_logprobs
 
     args = Qwen3MoeArgs.from_hf_config(load_hf_config("debug"))
     layout = parallel.ParallelLayout()

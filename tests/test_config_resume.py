@@ -20,7 +20,7 @@ KEYS = ("loss", "grad_norm", "entropy", "ratio_mean", "clip_fraction", "learning
 
 
 def _runs(work):
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
     from megatron_psft.train import Trainer, parse_launch
 
     os.chdir(work)  # the legacy checkpoint recorded the relative data prefix data/chat

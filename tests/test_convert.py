@@ -115,9 +115,9 @@ def _train_and_save(chunks, frozen_chunks, config, args, hf_config, root):
     """One SFT step with the project's optimizer, saved as the trainer does: with optimizer state and
     a frozen copy of the initial policy (which export must not pick up)."""
     from megatron_psft import checkpoint
-    from megatron_psft.objectives import ObjectiveConfig
-    from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
-    from megatron_psft.step import train_step
+    from megatron_psft.psft.objectives import ObjectiveConfig
+    from megatron_psft.engine.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+    from megatron_psft.engine.step import train_step
 
     checkpoint.save(root, TRAINED_ITERATION // 2, chunks, hf_config)  # before the step
     optim = OptimConfig(lr=1e-2, lr_warmup_steps=0)
@@ -136,7 +136,8 @@ def _all_layouts(paths):
     import torch.distributed as dist
 
     from checkpoint_convert import verify
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, transformer_config
 
     results = {"logit_diff": {}, "keys": {}}

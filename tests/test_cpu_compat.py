@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from megatron_psft import cpu_compat
+from megatron_psft.platform import cpu_compat
 
 
 def test_tested_versions_cover_both_ci_legs():
@@ -21,7 +21,7 @@ def test_refuses_untested_megatron_core_version():
     script = (
         "import megatron.core\n"
         "megatron.core.__version__ = '0.15.0'\n"
-        "from megatron_psft import cpu_compat\n"
+        "from megatron_psft.platform import cpu_compat\n"
         "try:\n"
         "    cpu_compat.apply()\n"
         "except RuntimeError as error:\n"

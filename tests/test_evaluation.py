@@ -1,4 +1,4 @@
-"""Evaluation sets (megatron_psft/evaluation.py) against a float64 oracle, at six layouts, and
+"""Evaluation sets (megatron_psft/engine/evaluation.py) against a float64 oracle, at six layouts, and
 training unchanged by them; the logger's eval records across a resume.
 
 The oracle is tests/oracle_qwen3.py's float64 transformers forward of the converted weights, run on
@@ -94,9 +94,10 @@ def expected(model, samples, eval_iters=None):
 # --- Megatron side (inside the 4-rank launch) --------------------------------------------------------
 
 def _build(paths, layout_kwargs, lr=0.0):
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, transformer_config
-    from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+    from megatron_psft.engine.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
 
     layout = parallel.ParallelLayout(**layout_kwargs)
     parallel.initialize(layout, seed=5)
@@ -121,8 +122,8 @@ def _as_dicts(results):
 
 
 def _evaluate_layout(name, paths):
-    from megatron_psft import parallel
-    from megatron_psft.evaluation import EvalSettings, evaluate
+    from megatron_psft.platform import parallel
+    from megatron_psft.engine.evaluation import EvalSettings, evaluate
 
     layout_kwargs, micro_batch_size = LAYOUTS[name]
     args, chunks, _, _ = _build(paths, layout_kwargs)
@@ -160,12 +161,12 @@ def _train_two_steps(paths, with_eval):
     """Two SFT steps (lr 1e-3) on the first two batches of "chat", with or without an evaluation of
     every set before each step. Returns each step's loss, grad norm and MoE load balance, the final
     weights, and (with evaluation) whether each evaluation left the state as it found it."""
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
     from megatron_psft.data.batching import Batching, rank_micro_batches
-    from megatron_psft.evaluation import EvalSettings, evaluate
-    from megatron_psft.metrics import moe_load_balance
-    from megatron_psft.objectives import ObjectiveConfig
-    from megatron_psft.step import train_step
+    from megatron_psft.engine.evaluation import EvalSettings, evaluate
+    from megatron_psft.observability.metrics import moe_load_balance
+    from megatron_psft.psft.objectives import ObjectiveConfig
+    from megatron_psft.engine.step import train_step
 
     layout_kwargs, micro_batch_size = TRAINING_LAYOUT
     args, chunks, optimizer, scheduler = _build(paths, layout_kwargs, lr=1e-3)
@@ -192,7 +193,7 @@ def _trainer_runs(paths, root):
     """The trainer with its eval flags (PP2 x DP2, PSFT in rounds of 2): with evaluation every 2 of 5
     steps; the same stopped after step 2 (--exit-interval) and resumed, into one metrics file; and
     without evaluation."""
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
     from megatron_psft.train import Trainer, parse_launch
 
     common = ["--pretrained-checkpoint", paths["megatron"], "--data-prefix", paths["sets"]["chat"],
@@ -344,7 +345,7 @@ def test_eval_data_prefix_names_and_refusals():
 
 
 def test_eval_batches_are_the_set_in_order():
-    from megatron_psft.evaluation import EvalSettings, eval_batches
+    from megatron_psft.engine.evaluation import EvalSettings, eval_batches
 
     assert eval_batches(10, 4) == [range(0, 4), range(4, 8), range(8, 10)]
     assert eval_batches(10, 4, eval_iters=2) == [range(0, 4), range(4, 8)]
@@ -354,7 +355,7 @@ def test_eval_batches_are_the_set_in_order():
 
 
 def _eval_results(step):
-    from megatron_psft.evaluation import EvalResult
+    from megatron_psft.engine.evaluation import EvalResult
 
     return {"chat": EvalResult(2.0 - step / 10, 1.5 + step / 100, 120), "untrained": EvalResult(None, None, 0)}
 
@@ -362,7 +363,7 @@ def _eval_results(step):
 def _log_run(jsonl, tensorboard_dir, train_steps, first_step=0, last_step=None, resumed_step=None, eval_interval=2):
     """Steps first_step..last_step (0-based) as the trainer logs them: an evaluation at step 0 on a
     fresh run, then after every eval_interval-th step and after the last one."""
-    from megatron_psft.logger import MetricsLogger
+    from megatron_psft.observability.logger import MetricsLogger
 
     logger = MetricsLogger(str(jsonl), tensorboard_dir, train_steps, resumed_step=resumed_step)
     if resumed_step is None:

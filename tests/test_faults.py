@@ -131,7 +131,8 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_
 def _resume_rules(tmp, data_prefix):
     import torch.distributed as dist
 
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
     from megatron_psft.train import Trainer, parse_launch
 

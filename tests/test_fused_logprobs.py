@@ -54,7 +54,7 @@ def _compare(layout, mode):
     from megatron.core import parallel_state
 
     from megatron_psft import vocab_parallel_logprobs
-    from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs
+    from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs
 
     with_entropy, train_logp, train_entropy = BACKWARD_MODES[mode]
     sequence_parallel = LAYOUTS[layout].get("sequence_parallel", False)
@@ -98,8 +98,9 @@ def _model_case(layout_kwargs, tied):
     """The same GPTModel through logits + vocab_parallel_logprobs and through the fused op."""
     from megatron.core import parallel_state
 
-    from megatron_psft import parallel, vocab_parallel_logprobs
-    from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs, output_hidden_states, output_weight
+    from megatron_psft import vocab_parallel_logprobs
+    from megatron_psft.platform import parallel
+    from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs, output_hidden_states, output_weight
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 
     layout = parallel.ParallelLayout(**layout_kwargs)
@@ -146,7 +147,7 @@ def _model_case(layout_kwargs, tied):
 def _all_cases():
     import torch.distributed as dist
 
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
 
     results = {}
     for layout, kwargs in LAYOUTS.items():
@@ -188,7 +189,7 @@ def test_a_gpt_model_gives_the_same_logprobs_and_gradients_fused(per_rank):
 
 
 def test_sequence_parallel_without_tensor_parallel_is_refused():
-    from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs
+    from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs
 
     hidden, weight, labels, _ = _inputs()
     with pytest.raises(ValueError, match="--sequence-parallel"):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from megatron_psft import checkpoint, parallel
+from megatron_psft import checkpoint
+from megatron_psft.platform import parallel
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, transformer_config
-from megatron_psft.parallel import ParallelLayout
+from megatron_psft.platform.parallel import ParallelLayout
 from megatron_psft.plan import Sizes, memory_per_gpu, parameters_per_gpu
 from megatron_psft.platform import MIN_TRANSFORMER_ENGINE, Platform
 from megatron_psft.config import DataConfig, TrainConfig
@@ -218,7 +219,7 @@ def test_setup_declares_the_transformer_engine_the_platform_requires():
     """moe_permute_fusion needs TE 2.1 and the default FP8 recompute 2.6: the install must not admit less."""
     import re
 
-    from megatron_psft.platform import _version_tuple
+    from megatron_psft.platform.machine import _version_tuple
 
     with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")) as f:
         declared = re.search(r'"transformer-engine\[pytorch\]>=([0-9.]+)', f.read()).group(1)

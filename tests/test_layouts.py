@@ -44,11 +44,12 @@ def _micro_batches(batch, rows, micro_batch_size):
 
 
 def _run_layout(name, checkpoint_root, args, hf_config):
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import build_model_chunks, transformer_config
-    from megatron_psft.objectives import ObjectiveConfig
-    from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
-    from megatron_psft.step import policy_logprobs, train_step
+    from megatron_psft.psft.objectives import ObjectiveConfig
+    from megatron_psft.engine.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+    from megatron_psft.engine.step import policy_logprobs, train_step
 
     layout_kwargs, micro_batch_size = LAYOUTS[name]
     layout = parallel.ParallelLayout(**layout_kwargs)
@@ -81,11 +82,12 @@ def _run_layout(name, checkpoint_root, args, hf_config):
 
 def _all_masked_global_batch(checkpoint_root, args):
     """A global batch without a single response token is an error, raised before the optimizer moves."""
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import build_model_chunks, transformer_config
-    from megatron_psft.objectives import ObjectiveConfig
-    from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
-    from megatron_psft.step import train_step
+    from megatron_psft.psft.objectives import ObjectiveConfig
+    from megatron_psft.engine.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+    from megatron_psft.engine.step import train_step
 
     layout = parallel.ParallelLayout(tensor=2, sequence_parallel=True)
     parallel.initialize(layout, seed=5)
@@ -109,7 +111,8 @@ def _all_masked_global_batch(checkpoint_root, args):
 
 
 def _all_layouts(checkpoint_root):
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 
     hf_config = load_hf_config("debug")

@@ -125,7 +125,7 @@ def _error_cases():
 
 
 def _all_layouts():
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
 
     results = {}
     for tp in (1, 2, 4):

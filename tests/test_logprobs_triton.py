@@ -4,7 +4,7 @@ interpreter, at TP1 and TP2, fp32 and bf16 logits, every backward branch.
 The vocab (and each rank's slice) is not a multiple of the kernel's tile and has padded columns, and
 the tile is shrunk to 64 columns, so rows span several tiles with a ragged last one. The kernel runs
 in spawned ranks with ``TRITON_INTERPRET=1`` in their environment from the start: triton reads it when
-a kernel is defined, so it must be set before :mod:`megatron_psft.logprobs_triton` is imported, which
+a kernel is defined, so it must be set before :mod:`megatron_psft.kernels.logprobs_triton` is imported, which
 a test process that already imported the package cannot guarantee.
 """
 
@@ -76,7 +76,7 @@ def _fused_errors():
     """The fused output layer on the Triton kernel at TP2 with sequence parallelism vs float64."""
     from megatron.core import parallel_state
 
-    from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs
+    from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs
 
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     g = torch.Generator().manual_seed(1)
@@ -107,7 +107,8 @@ def _all_cases():
 
     import torch.distributed as dist
 
-    from megatron_psft import logprobs_triton, parallel
+    from megatron_psft.kernels import logprobs_triton
+    from megatron_psft.platform import parallel
 
     logprobs_triton.MAX_BLOCK_COLUMNS = TILE
     results = {}
@@ -200,7 +201,7 @@ def test_fused_output_layer_on_the_triton_kernel_with_sequence_parallel(per_rank
 
 def test_kernel_choice_and_its_refusals():
     """'auto' keeps CPU logits on torch; forcing Triton where it cannot run says how to fix it."""
-    from megatron_psft.logprobs import resolve_kernel
+    from megatron_psft.kernels.logprobs import resolve_kernel
 
     cpu_logits = torch.zeros(2, 3)
     assert resolve_kernel(None, cpu_logits) == "torch"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from megatron_psft.logger import MetricsLogger, average_records, drop_steps_after
-from megatron_psft.metrics import model_flops_per_token
+from megatron_psft.observability.logger import MetricsLogger, average_records, drop_steps_after
+from megatron_psft.observability.metrics import model_flops_per_token
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs
 
 
@@ -76,7 +76,7 @@ def test_weights_and_biases_run_offline(tmp_path, monkeypatch):
 
 
 def test_timers_cost_nothing_when_off_and_report_the_slowest_rank():
-    from megatron_psft.timers import Timers
+    from megatron_psft.observability.timers import Timers
 
     off = Timers(0)
     with off("forward-backward"):

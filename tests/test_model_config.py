@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, padded_vocab_size, transformer_config
-from megatron_psft.parallel import ParallelLayout
+from megatron_psft.platform.parallel import ParallelLayout
 
 
 def _config(**changes):

@@ -7,7 +7,7 @@ import torch
 
 from megatron_psft import (ObjectiveConfig, dft_loss, psft_loss, psft_top_entropy_loss, reduce_metrics,
                            sft_kl_loss, sft_loss)
-from megatron_psft.objectives import iw_sft_loss, make_loss_func, objective_loss
+from megatron_psft.psft.objectives import iw_sft_loss, make_loss_func, objective_loss
 
 RATIOS = torch.tensor([[1.0, 1.5, 0.5, 1.2, 2.0, 1.28]], dtype=torch.float64)
 MASK = torch.tensor([[1, 1, 1, 1, 0, 1]], dtype=torch.float64)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_psft.old_policy import OldPolicy, RoundSchedule
+from megatron_psft.psft.old_policy import OldPolicy, RoundSchedule
 
 CURRENT = "current"  # in the records below: the step's training forward gave its old log-probs
 

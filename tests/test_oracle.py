@@ -113,11 +113,12 @@ def _micro_batches(batch, extra, rows, micro_batch_size):
 
 
 def _run_layout(name, paths, old, reference):
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, transformer_config
-    from megatron_psft.objectives import ObjectiveConfig
-    from megatron_psft.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
-    from megatron_psft.step import train_step
+    from megatron_psft.psft.objectives import ObjectiveConfig
+    from megatron_psft.engine.optimizer import OptimConfig, build_optimizer, wrap_with_ddp
+    from megatron_psft.engine.step import train_step
 
     layout_kwargs, micro_batch_size, objectives = LAYOUTS[name]
     layout = parallel.ParallelLayout(**layout_kwargs)

@@ -1,4 +1,4 @@
-"""python -m megatron_psft.plot: panels from the metrics keys, runs overlaid, a PNG written, and a clear
+"""python -m megatron_psft.reports.plot: panels from the metrics keys, runs overlaid, a PNG written, and a clear
 error without matplotlib."""
 
 import json
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megatron_psft import plot
+from megatron_psft.reports import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TRAINING_TITLES = ["loss", "entropy", "clip fraction", "ratio min / max", "grad norm"]
@@ -90,7 +90,7 @@ def test_two_runs_overlaid_with_their_labels_and_panels_without_data_left_out(ru
 def test_the_command_writes_a_png_with_the_panels(runs, tmp_path):
     psft, sft = runs
     out = tmp_path / "plots" / "curves.png"
-    result = subprocess.run([sys.executable, "-m", "megatron_psft.plot", str(psft), str(sft), "-o", str(out),
+    result = subprocess.run([sys.executable, "-m", "megatron_psft.reports.plot", str(psft), str(sft), "-o", str(out),
                              "--labels", "PSFT", "SFT"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == PNG_SIGNATURE and out.stat().st_size > 10_000

@@ -1,4 +1,4 @@
-"""megatron_psft/progress.py and the tools that use it: a live bar (count / total, rate) on stderr only
+"""megatron_psft/observability/progress.py and the tools that use it: a live bar (count / total, rate) on stderr only
 when stderr is a terminal (a pseudo-terminal here), nothing on stderr otherwise, and the tools'
 periodic and summary lines for logs kept when there is no bar. Also how the tools are installed: the
 console scripts setup.py declares, and the thin tools/ scripts of a checkout."""
@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from megatron_psft.data import preprocess
-from megatron_psft.progress import ProgressBar, count_lines
+from megatron_psft.observability.progress import ProgressBar, count_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(REPO, "megatron_psft", "assets", "tokenizer")
@@ -217,7 +217,7 @@ def console_scripts(tmp_path_factory):
 
 @pytest.mark.parametrize("script, module, tool, flag", [
     ("megatron-psft-preprocess", "megatron_psft.data.preprocess", "preprocess_data.py", "--output-prefix"),
-    ("megatron-psft-clipped-tokens", "megatron_psft.clipped_tokens", "clipped_tokens.py", "--clipped-tokens"),
+    ("megatron-psft-clipped-tokens", "megatron_psft.reports.clipped_tokens", "clipped_tokens.py", "--clipped-tokens"),
 ])
 def test_console_scripts_resolve_and_the_tools_scripts_run(console_scripts, script, module, tool, flag):
     scripts, shipped = console_scripts

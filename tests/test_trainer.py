@@ -84,7 +84,8 @@ def _weights(chunks):
 def _scenarios(tmp, data_prefix):
     import torch.distributed as dist
 
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, load_hf_config, transformer_config
 
     base = COMMON + ["--data-prefix", data_prefix]

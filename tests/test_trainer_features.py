@@ -70,7 +70,8 @@ def _hf_configs(tmp):
 
 def _save_initial(path, hf_config):
     """A checkpoint of freshly initialised weights, so runs at different layouts start alike."""
-    from megatron_psft import checkpoint, parallel
+    from megatron_psft import checkpoint
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, transformer_config
 
     args = Qwen3MoeArgs.from_hf_config(hf_config)
@@ -81,7 +82,7 @@ def _save_initial(path, hf_config):
 
 def _attempt(argv):
     """Train with `argv`; (exception type name, message), or None when it trained."""
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
 
     try:
         _train(argv)
@@ -108,7 +109,7 @@ def _save_for_another_world_size(tmp, data_prefix):
     """One step, saved as world{N} (N processes), mid-round: its old-policy state is in the checkpoint."""
     import torch.distributed as dist
 
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
 
     ckpt = os.path.join(tmp, f"world{dist.get_world_size()}")
     _train(COMMON + ["--data-prefix", data_prefix] + WORLD_SIZE_ARGS + ["--save", ckpt, "--exit-interval", "1"])
@@ -126,8 +127,8 @@ def _non_finite_gradient(start, tmp, name, value):
     in a real job until the launcher stops it, so every rank gets the bad value here.)"""
     import torch.distributed as dist
 
-    from megatron_psft import parallel
-    from megatron_psft.optimizer import unwrap
+    from megatron_psft.platform import parallel
+    from megatron_psft.engine.optimizer import unwrap
     from megatron_psft.train import Trainer, parse_launch
 
     save = os.path.join(tmp, name)
@@ -149,7 +150,7 @@ def _non_finite_gradient(start, tmp, name, value):
 
 def _tied_weights(trainer):
     """A digest of the embedding (first stage) or of the output layer's copy of it (last stage)."""
-    from megatron_psft.optimizer import unwrap
+    from megatron_psft.engine.optimizer import unwrap
 
     found = {}
     for chunk in trainer.model:
@@ -161,7 +162,7 @@ def _tied_weights(trainer):
 
 
 def _features(tmp, data_prefix, configs):
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import load_hf_config
 
     results = {}

@@ -18,7 +18,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # a checkout
-from megatron_psft.plot import INSTALL_HINT, metrics_file, read_series  # noqa: E402
+from megatron_psft.reports.plot import INSTALL_HINT, metrics_file, read_series  # noqa: E402
 
 
 def eval_curve(series: dict, in_domain: str, out_of_domain: str, source: str) -> list:
@@ -116,7 +116,7 @@ def plot_tradeoff(summary: dict, in_domain: str, out_of_domain: str, path: str) 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=PATH",
-                        help="a run directory or its metrics file (as python -m megatron_psft.plot reads them), "
+                        help="a run directory or its metrics file (as python -m megatron_psft.reports.plot reads them), "
                              "with its label; repeat per run")
     parser.add_argument("--in-domain", required=True, help="eval set name of the fine-tuning domain")
     parser.add_argument("--out-of-domain", required=True, help="eval set name of the pre-training domain")

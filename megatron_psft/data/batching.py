@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from megatron_psft import parallel
+from megatron_psft.platform import parallel
 from megatron_psft.data.dataset import collate, pack
 
 

@@ -24,7 +24,7 @@ from megatron_psft.data.chat import (MalformedSample, TurnMarkers, UnsupportedTe
                                      tokenize_with_assistant_mask, uses_generation_blocks)
 from megatron_psft.data.dataset import tokenizer_identity
 from megatron_psft.data.format import DatasetWriter
-from megatron_psft.progress import ProgressBar, count_lines
+from megatron_psft.observability.progress import ProgressBar, count_lines
 
 LINES_PER_TASK = 256  # lines a worker tokenizes per task; large enough to amortise pickling
 

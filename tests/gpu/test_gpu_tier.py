@@ -148,7 +148,7 @@ def test_te_spec_with_grouped_gemm(tmp_path, data_prefix, variant):
 
 @pytest.mark.skipif(not _has_transformer_engine(), reason="needs Transformer Engine")
 def test_te_model_uses_grouped_experts_and_fused_norms():
-    from megatron_psft import parallel
+    from megatron_psft.platform import parallel
     from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, transformer_config
 
     parallel.initialize(parallel.ParallelLayout())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from megatron_psft import platform as platforms
 from megatron_psft.models.qwen3_moe.args import Qwen3MoeArgs
-from megatron_psft.parallel import ParallelLayout
+from megatron_psft.platform.parallel import ParallelLayout
 
 
 def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int = 128) -> int:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import parallel
+from megatron_psft.platform import parallel
 
 PHASES = ("data", "old-policy", "forward-backward", "optimizer", "save")
 

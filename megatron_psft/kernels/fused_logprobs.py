@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft.logprobs import (
+from megatron_psft.kernels.logprobs import (
     CHUNK_BUFFER_BYTES,
     _check,
     combine_row_statistics,
@@ -110,7 +110,7 @@ def fused_vocab_parallel_logprobs(
     chunk_tokens: Optional[int] = None,
     kernel: Optional[str] = None,
 ):
-    """:func:`~megatron_psft.logprobs.vocab_parallel_logprobs` of ``hidden @ output_weight.T`` without
+    """:func:`~megatron_psft.kernels.logprobs.vocab_parallel_logprobs` of ``hidden @ output_weight.T`` without
     materialising those logits; the same values and gradients (wrt `hidden` and `output_weight`).
 
     Args:

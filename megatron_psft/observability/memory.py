@@ -7,7 +7,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from megatron_psft import parallel
+from megatron_psft.platform import parallel
 
 GiB = 2**30
 

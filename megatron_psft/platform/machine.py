@@ -44,7 +44,7 @@ class Platform:
     def detect(cls) -> "Platform":
         import megatron.core
 
-        from megatron_psft import parallel
+        from megatron_psft.platform import parallel
 
         cuda = torch.cuda.is_available()
         te_version = None

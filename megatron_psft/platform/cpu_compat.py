@@ -5,7 +5,7 @@ that the real model, parallel groups, MoE dispatchers, schedules, DDP, the distr
 ``dist_checkpointing`` run on CPU across local gloo processes, which is how the test suite and the
 embedded default run on machines without a GPU.
 
-``megatron_psft.parallel.init_process_group`` applies it, and only when CUDA is absent; it refuses to
+``megatron_psft.platform.parallel.init_process_group`` applies it, and only when CUDA is absent; it refuses to
 run when CUDA is available, and refuses megatron-core versions it was not tested against
 (``TESTED_MEGATRON_CORE``): the patched functions are private and change between releases. Where a
 patch point differs between the tested versions, the patch branches on the version and says why.
@@ -26,7 +26,7 @@ def apply() -> None:
     if _applied:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("megatron_psft.cpu_compat must not be used when CUDA is available")
+        raise RuntimeError("megatron_psft.platform.cpu_compat must not be used when CUDA is available")
     import megatron.core
 
     release = check_version(megatron.core.__version__)
@@ -48,7 +48,7 @@ def check_version(version: str) -> tuple:
     public = version.split("+", 1)[0]
     if public not in TESTED_MEGATRON_CORE:
         raise RuntimeError(
-            f"megatron_psft.cpu_compat is tested with megatron-core {' and '.join(TESTED_MEGATRON_CORE)} "
+            f"megatron_psft.platform.cpu_compat is tested with megatron-core {' and '.join(TESTED_MEGATRON_CORE)} "
             f"only, found {version}: the private call sites it patches move between releases. Install a "
             "tested version for CPU runs (requirements-cpu.txt, requirements-cpu-py312.txt)."
         )

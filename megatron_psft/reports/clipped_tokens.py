@@ -1,5 +1,5 @@
-"""clipped_tokens.jsonl, the per-step counts of the tokens PSFT clips: its line format, the writer the
-trainer uses (:class:`ClippedTokensWriter`) and the report (tables on stdout and, optionally, an SVG
+"""The report of clipped_tokens.jsonl, which :mod:`megatron_psft.observability.clipped_tokens` writes during
+training: tables on stdout and, optionally, an SVG
 word cloud; ``megatron-psft-clipped-tokens``, or ``python tools/clipped_tokens.py`` from a checkout):
 
     megatron-psft-clipped-tokens --clipped-tokens SAVE/clipped_tokens.jsonl --tokenizer HF_DIR \\
@@ -23,10 +23,7 @@ from collections import Counter
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 from xml.sax.saxutils import escape
 
-from megatron_psft.logger import drop_steps_after
-from megatron_psft.progress import ProgressBar, count_lines
-
-FILE_NAME = "clipped_tokens.jsonl"  # the trainer writes it in the metrics file's directory
+from megatron_psft.observability.progress import ProgressBar, count_lines
 
 MAX_FONT_PX = 64.0
 MIN_FONT_PX = 10.0  # below this a word is unreadable; the only departure from size ~ sqrt(count)
@@ -52,45 +49,6 @@ class TokenRow(NamedTuple):
     @property
     def rate(self) -> float:
         return self.clipped / self.occurrences
-
-
-# --- the file: one line per step --------------------------------------------------------------------
-
-def path_next_to(metrics_file: str) -> str:
-    """Where the trainer writes the clipped-token counts of a run whose metrics go to `metrics_file`."""
-    return os.path.join(os.path.dirname(os.path.abspath(metrics_file)), FILE_NAME)
-
-
-def _nonzero_counts(counts) -> Dict[str, int]:
-    values = counts.tolist() if hasattr(counts, "tolist") else list(counts)
-    return {str(token_id): int(count) for token_id, count in enumerate(values) if count}
-
-
-def format_step_line(step: int, clipped_counts: Sequence, response_counts: Sequence) -> str:
-    """One step's line, newline included. The counts are indexed by token id (a vocabulary-long tensor
-    or sequence, as the loss's token histograms are); ids never counted are left out."""
-    return json.dumps({"step": step, "clipped": _nonzero_counts(clipped_counts),
-                       "response": _nonzero_counts(response_counts)}) + "\n"
-
-
-class ClippedTokensWriter:
-    """Appends one line per step to `path`. When the run resumes from the checkpoint of step
-    `resumed_step`, the lines of later steps (logged before the interruption, to be trained again)
-    are dropped first, so each step appears once."""
-
-    def __init__(self, path: str, resumed_step: Optional[int] = None):
-        if resumed_step is not None:
-            drop_steps_after(path, resumed_step)
-        self.file = open(path, "a")
-
-    def write(self, step: int, clipped_counts: Sequence, response_counts: Sequence) -> None:
-        """`step`: the optimizer step just trained, numbered from 1 as in metrics.jsonl. Flushed at once,
-        so the report can read a running job's file."""
-        self.file.write(format_step_line(step, clipped_counts, response_counts))
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 # --- reading --------------------------------------------------------------------------------------

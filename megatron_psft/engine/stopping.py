@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import parallel
+from megatron_psft.platform import parallel
 
 
 class ExitConditions:

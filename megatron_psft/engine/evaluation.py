@@ -9,7 +9,7 @@ optimizer or RNG state is touched.
 
 Exact under every layout: the sums of NLL and entropy and the token count are summed over the
 micro-batches and data-parallel ranks on the last pipeline stage, then shared with every stage
-(:func:`megatron_psft.step.reduce_over_stages`), so every rank returns the same numbers. Batches
+(:func:`megatron_psft.engine.step.reduce_over_stages`), so every rank returns the same numbers. Batches
 are reduced one at a time and accumulated on the host in float64: Megatron's metric reduction is
 fp32, which counts tokens exactly only up to 2**24, a bound a whole evaluation set can pass.
 """
@@ -19,10 +19,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_psft import parallel
+from megatron_psft.platform import parallel
 from megatron_psft.data.batching import Batching, rank_micro_batches
 from megatron_psft.data import SFTDataset
-from megatron_psft.step import micro_batch_multiple, output_logprobs, reduce_over_stages, run_schedule, stage_output
+from megatron_psft.engine.step import micro_batch_multiple, output_logprobs, reduce_over_stages, run_schedule, stage_output
 
 @dataclass(frozen=True)
 class EvalSettings:

@@ -14,10 +14,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megatron_psft import parallel
+from megatron_psft.platform import parallel
 from megatron_psft.data.batching import regroup
-from megatron_psft.optimizer import unwrap
-from megatron_psft.step import forward_only_pass, policy_logprobs
+from megatron_psft.engine.optimizer import unwrap
+from megatron_psft.engine.step import forward_only_pass, policy_logprobs
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Training curves from ``metrics.jsonl``, without a service.
 
-    python -m megatron_psft.plot RUN [RUN ...] -o curves.png [--labels A B ...]
+    python -m megatron_psft.reports.plot RUN [RUN ...] -o curves.png [--labels A B ...]
 
 RUN is a run directory (``SAVE/metrics.jsonl``, or the run script's ``RUN_DIR/checkpoints/metrics.jsonl``)
 or a metrics file. One panel per quantity against the step: loss, entropy, clip fraction, ratio min / max,
@@ -137,7 +137,7 @@ def plot_runs(runs: Sequence[str], labels: Optional[Sequence[str]] = None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m megatron_psft.plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m megatron_psft.reports.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run directory or metrics.jsonl")
     parser.add_argument("-o", "--output", required=True, help="image file (format from the extension: .png, .svg, .pdf)")
     parser.add_argument("--labels", nargs="+", help="one legend label per RUN (default: the run directory's name)")

@@ -7,7 +7,7 @@ rescaled statistics and the target logit). The backward pass needs none, because
 log-normaliser and entropy saved, each rank's gradient depends only on its own slice. The full
 vocabulary is never gathered and the caller's logits are never written.
 
-Two kernels compute the per-rank parts: a Triton one (:mod:`megatron_psft.logprobs_triton`, one
+Two kernels compute the per-rank parts: a Triton one (:mod:`megatron_psft.kernels.logprobs_triton`, one
 read of the logits in forward, one read and one write in backward), chosen for CUDA logits, and the
 torch reference, chunked along tokens so its extra memory is a fixed number of fp32 ``[chunk, V/tp]``
 buffers plus the gradient itself, which is the CPU path. `kernel=` or ``$PSFT_LOGPROBS_KERNEL``
@@ -32,7 +32,7 @@ def default_chunk_tokens(columns: int) -> int:
 def _triton_kernels():
     """The Triton module, or None where triton does not import (CPU-only installs)."""
     try:
-        from megatron_psft import logprobs_triton
+        from megatron_psft.kernels import logprobs_triton
     except ImportError:
         return None
     return logprobs_triton

@@ -12,10 +12,10 @@ import warnings
 from typing import TYPE_CHECKING, Dict, List, Optional
 from urllib.parse import urlparse
 
-from megatron_psft import parallel
+from megatron_psft.platform import parallel
 
 if TYPE_CHECKING:  # evaluation imports Megatron-Core; the logger must not
-    from megatron_psft.evaluation import EvalResult
+    from megatron_psft.engine.evaluation import EvalResult
 
 # Console columns: (record key, label, format).
 CONSOLE = (("loss", "loss", ".5f"), ("entropy", "entropy", ".4f"), ("clip_fraction", "clip frac", ".4f"),

@@ -5,7 +5,7 @@ its response tokens and their count. Run with ``TransformerConfig.calculate_per_
 Megatron's schedule and ``finalize_model_grads`` then divide the summed gradients by the token count
 of the whole global batch (all micro-batches, all data-parallel ranks), so the result is a true token
 mean rather than a mean of micro-batch means. Metrics follow the conventions of
-:mod:`megatron_psft.metrics` so they reduce exactly across micro-batches and ranks.
+:mod:`megatron_psft.observability.metrics` so they reduce exactly across micro-batches and ranks.
 """
 
 from typing import Callable, Dict, Optional, Tuple
@@ -13,8 +13,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from megatron_psft.config import OBJECTIVES, ObjectiveConfig  # noqa: F401 (OBJECTIVES: the objectives' names)
-from megatron_psft.logprobs import vocab_parallel_logprobs
-from megatron_psft.metrics import extreme_metric, mean_metric
+from megatron_psft.kernels.logprobs import vocab_parallel_logprobs
+from megatron_psft.observability.metrics import extreme_metric, mean_metric
 
 LOG_RATIO_LIMIT = 20.0
 

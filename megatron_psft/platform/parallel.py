@@ -33,7 +33,7 @@ def init_process_group(timeout_minutes: int = 30) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if use_cpu():
-        from megatron_psft import cpu_compat
+        from megatron_psft.platform import cpu_compat
 
         cpu_compat.apply()
         backend = "gloo"

@@ -12,13 +12,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import parallel, routing
+from megatron_psft.platform import parallel
+from megatron_psft.psft import routing
 from megatron_psft import platform as platforms
-from megatron_psft.fused_logprobs import fused_vocab_parallel_logprobs, output_hidden_states, output_weight
-from megatron_psft.logprobs import vocab_parallel_logprobs
-from megatron_psft.metrics import reduce_metrics
-from megatron_psft.objectives import ObjectiveConfig, make_loss_func
-from megatron_psft.timers import Timers
+from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs, output_hidden_states, output_weight
+from megatron_psft.kernels.logprobs import vocab_parallel_logprobs
+from megatron_psft.observability.metrics import reduce_metrics
+from megatron_psft.psft.objectives import ObjectiveConfig, make_loss_func
+from megatron_psft.observability.timers import Timers
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import parallel
+from megatron_psft.platform import parallel
 
 
 def mean_metric(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def step_record(result, micro_batches, objective, phase: str, seconds: float, ol
                 flops_per_token: float) -> dict:
     """One training step's metrics: the objective's (reduced over the global batch), the optimizer's,
     throughput, MoE load balance and memory."""
-    from megatron_psft.memory import memory_record
+    from megatron_psft.observability.memory import memory_record
 
     data = launch.config.data
     # Every rank computes as many rows; the old-policy and reference passes are one forward each.

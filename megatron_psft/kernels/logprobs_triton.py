@@ -1,4 +1,4 @@
-"""Triton kernels for :mod:`megatron_psft.logprobs`: one read of the logits in forward, one read and one
+"""Triton kernels for :mod:`megatron_psft.kernels.logprobs`: one read of the logits in forward, one read and one
 write in backward, per token row.
 
 Forward: an online softmax over vocab tiles gives this rank's partial statistics of each row, relative
