@@ -10,8 +10,8 @@ from typing import Optional
 
 import torch
 
-from megatron_psft.precision import DTYPES
-from megatron_psft.progress import ProgressBar, is_terminal
+from megatron_psft.platform.precision import DTYPES
+from megatron_psft.observability.progress import ProgressBar, is_terminal
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

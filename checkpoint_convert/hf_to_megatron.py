@@ -20,10 +20,11 @@ import torch
 
 from checkpoint_convert.common import Progress, config_dtype, staged_output
 from checkpoint_convert.safetensors_io import SafetensorsReader
-from megatron_psft import checkpoint, parallel
+from megatron_psft import checkpoint
+from megatron_psft.platform import parallel
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config
 from megatron_psft.models.qwen3_moe import state_dict_adapter as adapter
-from megatron_psft.precision import parse_dtype
+from megatron_psft.platform.precision import parse_dtype
 
 
 class Chunk(NamedTuple):

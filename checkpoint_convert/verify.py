@@ -18,10 +18,11 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_psft import checkpoint, parallel
+from megatron_psft import checkpoint
+from megatron_psft.platform import parallel
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, build_model_chunks, transformer_config
-from megatron_psft.precision import parse_dtype
-from megatron_psft.step import model_forward, run_schedule
+from megatron_psft.platform.precision import parse_dtype
+from megatron_psft.engine.step import model_forward, run_schedule
 
 DEFAULT_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    if n < 2:\n        return n\n",
                    "Proximal supervised fine-tuning keeps the policy close to")
