@@ -122,6 +122,9 @@ def convert(hf_dir: str, out_dir: str, dtype: Optional[torch.dtype] = None, over
     from megatron.core import dist_checkpointing
 
     hf_config = load_hf_config(hf_dir)
+    if hf_config.get("quantization_config"):  # e.g. an FP8 release: its weights are not the model's values
+        method = hf_config["quantization_config"].get("quant_method", "?")
+        raise ValueError(f"{hf_dir} holds a quantized model (quant_method {method!r}): import its bf16 release")
     args = Qwen3MoeArgs.from_hf_config(hf_config)
     reader = SafetensorsReader(hf_dir)
     check_hf_checkpoint(reader, args)

@@ -6,6 +6,11 @@ Reads the latest iteration of CKPT (or ``--iteration N``), whatever TP / PP / EP
 trainer saved it at, and writes ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
 with the config, tokenizer and other small files of the template. Only the "model" part of the
 checkpoint is read, one layer at a time; tensors are appended to the current shard as they are made.
+
+``--quantize fp8`` writes Qwen's published block-FP8 form instead (see quantize.py): the linear
+projections as float8_e4m3fn with a float32 ``weight_scale_inv`` per 128 x 128 block, the rest in
+bf16 (or ``--dtype``), and ``quantization_config`` in config.json. Each tensor is quantized as it
+is written, so memory stays as in the plain export.
 """
 
 import argparse
@@ -17,12 +22,14 @@ from typing import List, Optional
 
 import torch
 
+from checkpoint_convert import quantize as quantization
 from checkpoint_convert.common import Progress, config_dtype, parse_size, staged_output
 from checkpoint_convert.safetensors_io import ShardedSafetensorsWriter
-from megatron_psft import checkpoint, parallel
+from megatron_psft import checkpoint
+from megatron_psft.platform import parallel
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config
 from megatron_psft.models.qwen3_moe import state_dict_adapter as adapter
-from megatron_psft.precision import parse_dtype
+from megatron_psft.platform.precision import parse_dtype
 
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
@@ -70,8 +77,10 @@ def _load_request(stage_slots: List[adapter.Slot], metadata: dict) -> dict:
 
 
 def convert(megatron_dir: str, hf_template_dir: str, out_dir: str, iteration: Optional[int] = None,
-            dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB", overwrite: bool = False) -> str:
-    """Write an HF model directory `out_dir` from a Megatron checkpoint; returns `out_dir`."""
+            dtype: Optional[torch.dtype] = None, max_shard_size: str = "5GB", overwrite: bool = False,
+            quantize: Optional[str] = None) -> str:
+    """Write an HF model directory `out_dir` from a Megatron checkpoint; returns `out_dir`.
+    `quantize`: None, or "fp8" (Qwen's block-FP8; unquantized tensors in `dtype`, default bf16)."""
     from megatron.core import dist_checkpointing
 
     source = checkpoint.resolve(megatron_dir, iteration)
@@ -79,18 +88,20 @@ def convert(megatron_dir: str, hf_template_dir: str, out_dir: str, iteration: Op
     template_config = load_hf_config(hf_template_dir)
     if Qwen3MoeArgs.from_hf_config(template_config) != args:
         raise ValueError(f"the template {hf_template_dir} describes a different model than {source}/hf_config.json")
-    out_dtype = dtype or config_dtype(template_config)
+    out_dtype = dtype or quantization.default_dtype(quantize) or config_dtype(template_config)
 
     with staged_output(out_dir, overwrite) as staging, parallel.single_process_group():
         metadata = dist_checkpointing.load_tensors_metadata(source)
         check_stored_tensors(args, metadata)
         out_dtype = out_dtype or metadata["embedding.word_embeddings.weight"].dtype
+        scheme = quantization.scheme(quantize, out_dtype)
         shapes = adapter.hf_tensor_shapes(args)
-        writer = ShardedSafetensorsWriter(staging, [(n, s, out_dtype) for n, s in shapes.items()],
-                                          parse_size(max_shard_size))
+        planned = [spec for name, shape in shapes.items() for spec in scheme.plan(name, shape)]
+        writer = ShardedSafetensorsWriter(staging, planned, parse_size(max_shard_size))
         stages = [list(group) for _, group in itertools.groupby(adapter.slots(args), key=lambda s: s.stage)]
-        total = sum(torch.Size(s).numel() for s in shapes.values()) * out_dtype.itemsize
-        print(f"[megatron->hf] {source} -> {out_dir}: {len(shapes)} tensors, {total / 1e9:.2f} GB as {out_dtype}, "
+        total = sum(torch.Size(shape).numel() * dt.itemsize for _, shape, dt in planned)
+        form = out_dtype if quantize is None else f"{quantize} + {out_dtype}"
+        print(f"[megatron->hf] {source} -> {out_dir}: {len(planned)} tensors, {total / 1e9:.2f} GB as {form}, "
               f"{len(writer.shards)} shards", flush=True)
         progress = Progress("megatron->hf", total, stages=len(stages))
         try:
@@ -103,30 +114,38 @@ def convert(megatron_dir: str, hf_template_dir: str, out_dir: str, iteration: Op
                     data = loaded[slot.rule.megatron_key]
                     if slot.layer is not None:
                         data = data[0] if slot.expert is None else data[0, slot.expert]
-                    for name, tensor in zip(slot.hf_names(), adapter.to_hf(slot.rule, data, args)):
-                        writer.write(name, tensor.to(out_dtype))
-                        progress.update(slot.stage, tensor.numel() * out_dtype.itemsize)
+                    for hf_name, hf_tensor in zip(slot.hf_names(), adapter.to_hf(slot.rule, data, args)):
+                        for name, tensor in scheme.apply(hf_name, hf_tensor):
+                            writer.write(name, tensor)
+                            progress.update(slot.stage, tensor.numel() * tensor.element_size())
                 del loaded  # before the next layer's load, not after it
             writer.finish()
         finally:
             writer.close()
         progress.close()
-        _copy_template_files(hf_template_dir, staging, template_config, out_dtype)
+        updates = scheme.config_updates(list(shapes), args.num_layers)
+        _copy_template_files(hf_template_dir, staging, template_config, out_dtype, updates)
     return out_dir
 
 
-def _copy_template_files(template_dir: str, out_dir: str, config: dict, dtype: torch.dtype) -> None:
+def _copy_template_files(template_dir: str, out_dir: str, config: dict, dtype: torch.dtype,
+                         updates: Optional[dict] = None) -> None:
     """Config, generation config, tokenizer, license...: every small file except the template's weights.
-    The config is copied verbatim unless the output dtype differs from the one it declares."""
+    The config is copied verbatim unless the output dtype differs from the one it declares or
+    `updates` (e.g. a ``quantization_config``) are to be set in it."""
+    updates = dict(updates or {})
+    if config_dtype(config) not in (None, dtype):
+        dtype_name = str(dtype).removeprefix("torch.")
+        updates.update({k: dtype_name for k in ("dtype", "torch_dtype") if k in config})
     for name in sorted(os.listdir(template_dir)):
         path = os.path.join(template_dir, name)
         if not os.path.isfile(path) or name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json"):
             continue
-        if name == "config.json" and config_dtype(config) not in (None, dtype):
-            dtype_name = str(dtype).removeprefix("torch.")
-            updated = {k: (dtype_name if k in ("dtype", "torch_dtype") else v) for k, v in config.items()}
+        if name == "config.json" and (updates or "quantization_config" in config):
+            # A template that is itself quantized: its quantization_config goes unless replaced.
+            updated = {k: v for k, v in config.items() if k != "quantization_config"}
             with open(os.path.join(out_dir, name), "w") as f:
-                json.dump(updated, f, indent=2)
+                json.dump({**updated, **updates}, f, indent=2)
             continue
         shutil.copyfile(path, os.path.join(out_dir, name))
 
@@ -138,13 +157,18 @@ def main(argv=None):
                         help="HF model directory whose config / tokenizer files the output gets")
     parser.add_argument("--out-dir", required=True, help="HF model directory to create")
     parser.add_argument("--iteration", type=int, default=None, help="iteration to export (default: the latest)")
-    parser.add_argument("--dtype", default=None, help="output dtype (default: the template config's dtype)")
+    parser.add_argument("--dtype", default=None,
+                        help="output dtype (of the unquantized tensors with --quantize; default: the template "
+                             "config's dtype, bfloat16 with --quantize fp8)")
+    parser.add_argument("--quantize", choices=sorted(quantization.SCHEMES), default=None,
+                        help="fp8: Qwen's block-FP8 form (e4m3 weights, a float32 scale per 128x128 block) that "
+                             "vLLM, SGLang and transformers load")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
     options = parser.parse_args(argv)
     convert(options.megatron_dir, options.hf_dir_template, options.out_dir, iteration=options.iteration,
             dtype=options.dtype and parse_dtype(options.dtype), max_shard_size=options.max_shard_size,
-            overwrite=options.overwrite)
+            overwrite=options.overwrite, quantize=options.quantize)
 
 
 if __name__ == "__main__":
