@@ -28,7 +28,8 @@ setup(
     extras_require={
         # 2.6: FP8 with selective moe_act / layernorm recompute (megatron-core's own check; the run
         # script's default); moe_permute_fusion needs 2.1. Matches platform.MIN_TRANSFORMER_ENGINE.
-        "gpu": ["transformer-engine[pytorch]>=2.6,<3", "nvidia-modelopt"],
+        # No nvidia-modelopt: the served checkpoint is the block-FP8 export (docs/conversion.md, "ModelOpt").
+        "gpu": ["transformer-engine[pytorch]>=2.6,<3"],
         "apex": ["apex"],
         "metrics": ["tensorboard", "matplotlib"],
         "plot": ["matplotlib"],  # python -m megatron_psft.reports.plot
