@@ -253,7 +253,8 @@ class PsftForwardStep:
                              "which Megatron's checkpoints do not hold; start from step 0 (--finetune) or use "
                              "megatron-psft's own trainer (python -m megatron_psft.train), whose checkpoints keep it")
         parallel.print_rank_last(f"PSFT: step {step} lies inside the old-policy round that began at step "
-                                 f"{round_start}; its remaining steps take the weights at step {step} as their old policy")
+                                 f"{round_start}; its remaining steps take the weights at step {step} as their "
+                                 "old policy")
         self.frozen.refresh()
         self.frozen_round = round_start
 
@@ -351,3 +352,58 @@ def forward_step_from_args(args: argparse.Namespace) -> PsftForwardStep:
                             routing_flip_stats=args.moe_routing_flip_stats)
     return PsftForwardStep(_section_from_args(ObjectiveConfig, args), _section_from_args(OldPolicyConfig, args),
                            settings)
+
+
+# Megatron-LM arguments (as its checkpoints save them) whose values megatron-psft's Qwen3 model cannot honour.
+_UNSUPPORTED_ARGUMENTS = {
+    "normalization": lambda value: value != "RMSNorm", "qk_layernorm": lambda value: not value,
+    "swiglu": lambda value: not value, "add_bias_linear": bool, "add_qkv_bias": bool,
+    "position_embedding_type": lambda value: value != "rope", "multi_latent_attention": bool,
+    "moe_shared_expert_intermediate_size": bool, "moe_layer_freq": lambda value: value not in (1, None),
+    "use_rope_scaling": bool, "rotary_percent": lambda value: value != 1.0,
+    "moe_router_score_function": lambda value: value not in ("softmax", None),
+}
+
+
+def hf_config_from_megatron_lm_args(args: argparse.Namespace) -> dict:
+    """The Qwen3 / Qwen3-MoE Hugging Face config of the model a Megatron-LM run built from `args` (the
+    reverse of examples/megatron_lm/qwen3_moe_flags.py), or ValueError naming what that model cannot be."""
+    refused = [name for name, unsupported in _UNSUPPORTED_ARGUMENTS.items()
+               if unsupported(getattr(args, name, None))]
+    if refused:
+        raise ValueError("the Megatron-LM checkpoint's model is not a Qwen3 model megatron-psft builds: "
+                         + ", ".join(f"{name}={getattr(args, name, None)!r}" for name in refused))
+    if args.vocab_size is None:
+        raise ValueError("the Megatron-LM checkpoint's arguments have no --vocab-size (the vocabulary came from its "
+                         "tokenizer, padded): the model's HF vocabulary size cannot be told from it")
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM" if args.num_experts else "Qwen3ForCausalLM"],
+        "vocab_size": args.vocab_size, "hidden_size": args.hidden_size, "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_query_groups if args.group_query_attention else args.num_attention_heads,
+        "head_dim": args.kv_channels, "intermediate_size": args.ffn_hidden_size, "rms_norm_eps": args.layernorm_epsilon,
+        "rope_theta": float(args.rotary_base), "max_position_embeddings": args.max_position_embeddings,
+        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
+        "initializer_range": args.init_method_std, "hidden_act": "silu", "attention_bias": False,
+    }
+    if args.num_experts:
+        config.update(num_experts=args.num_experts, moe_intermediate_size=args.moe_ffn_hidden_size,
+                      num_experts_per_tok=args.moe_router_topk, norm_topk_prob=not args.moe_router_pre_softmax,
+                      router_aux_loss_coef=_first(args.moe_aux_loss_coeff))
+    return config
+
+
+def _first(value):
+    """Megatron-LM keeps one aux-loss coefficient per load-balancing type, as a list when there are several."""
+    return float(value[0] if isinstance(value, (list, tuple)) else value)
+
+
+def megatron_lm_hf_config(iteration_dir: str) -> dict:
+    """The HF config of a Megatron-LM ``torch_dist`` checkpoint, from the arguments it saved."""
+    from megatron.core import dist_checkpointing
+
+    args = dist_checkpointing.load_common_state_dict(iteration_dir).get("args")
+    if args is None:
+        raise FileNotFoundError(f"{iteration_dir} has neither hf_config.json (megatron-psft's checkpoints) nor "
+                                "Megatron-LM's saved arguments: its model cannot be told")
+    return hf_config_from_megatron_lm_args(args)

@@ -138,7 +138,9 @@ def _scenario(tmp, data_prefix, name, exchange_checkpoints):
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.training import destroy_global_state
 
+    from megatron_psft import checkpoint
     from megatron_psft.engine.optimizer import unwrap
+    from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config
 
     layout = LAYOUTS[name][1]
     initial, ours, theirs = (os.path.join(tmp, f"{name}_{what}") for what in ("initial", "ours", "megatron_lm"))
@@ -159,9 +161,27 @@ def _scenario(tmp, data_prefix, name, exchange_checkpoints):
         load_checkpoint(spy.model, None, None)
         result["megatron_lm_loaded_our_training_checkpoint"] = _differing(
             _weights(model), _our_model_with(ours, _layout_of(args)))
+        final = _our_model_with(theirs, _layout_of(args))
+        told = Qwen3MoeArgs.from_hf_config(checkpoint.read_hf_config(theirs))
+        trained = Qwen3MoeArgs.from_hf_config({**load_hf_config("debug"), "router_aux_loss_coef": 0.0})  # SHARED's
+        result["model_told_from_megatron_lm_arguments"] = told == trained
     destroy_global_state()
+    if exchange_checkpoints:  # the trainer's own flags take Megatron-LM's checkpoint; at lr 0 it saves it unchanged
+        _run_trainer(SHARED + layout + ["--data-prefix", data_prefix, "--load", theirs, "--finetune", "--train-iters",
+                                        "1", "--lr", "0", "--save", ours + "_from_megatron_lm"])
+        result["trainer_took_megatron_lm_weights"] = _differing(_trainer_weights(ours + "_from_megatron_lm"), final)
     dist.barrier()
     return result
+
+
+def _trainer_weights(path):
+    from megatron_psft.config import ParallelLayout
+    from megatron_psft.platform import parallel
+
+    parallel.initialize(ParallelLayout(), seed=SEED)
+    weights = _our_model_with(path, ParallelLayout())
+    parallel.destroy()
+    return weights
 
 
 def _metrics(path):
@@ -197,3 +217,66 @@ def test_checkpoints_move_both_ways_exactly(runs):
         assert rank["megatron_lm_loaded_ours"] == []
         assert rank["we_loaded_megatron_lm"] == []
         assert rank["megatron_lm_loaded_our_training_checkpoint"] == []
+        assert rank["trainer_took_megatron_lm_weights"] == []
+        assert rank["model_told_from_megatron_lm_arguments"]
+
+
+def _config(**changes):
+    """The TransformerConfig fields the forward step's layout check reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"pipeline_model_parallel_size": 1, "context_parallel_size": 1,
+                              "calculate_per_token_loss": True, "overlap_moe_expert_parallel_comm": False, **changes})
+
+
+def test_layouts_the_forward_step_cannot_serve_are_refused_in_one_line():
+    from megatron_psft.megatron_lm import check_layout
+
+    check_layout(_config())
+    for changes, words in (({"pipeline_model_parallel_size": 2}, ("pipeline parallelism", "megatron_psft.train")),
+                           ({"context_parallel_size": 2}, ("context parallelism",)),
+                           ({"calculate_per_token_loss": False}, ("--calculate-per-token-loss",)),
+                           ({"overlap_moe_expert_parallel_comm": True}, ("--overlap-moe-expert-parallel-comm",))):
+        with pytest.raises(ValueError) as refused:
+            check_layout(_config(**changes))
+        assert "\n" not in str(refused.value) and all(word in str(refused.value) for word in words), refused.value
+
+
+def test_psft_flags_become_the_forward_step_settings():
+    import argparse
+
+    from megatron_psft.config import ObjectiveConfig, OldPolicyConfig
+    from megatron_psft.megatron_lm import add_psft_arguments, forward_step_from_args
+
+    parser = add_psft_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--objective", "psft-ent", "--eps-high", "0.3", "--old-policy-interval", "never",
+                              "--no-first-step-reuse", "--moe-router-replay", "--fused-logprobs"])
+    args.vocab_size = 1000  # Megatron-LM's own --vocab-size
+    step = forward_step_from_args(args)
+    assert step.objective == ObjectiveConfig("psft-ent", eps_high=0.3)
+    assert step.schedule.interval is None and not step.schedule.reuse_first_step
+    assert step.settings.replay_routing and step.settings.fused_logprobs and step.settings.vocab_size == 1000
+    assert args.moe_enable_routing_replay  # the routers get Megatron-Core's replay hooks
+    assert not parser.parse_args([]).moe_enable_routing_replay
+    with pytest.raises(ValueError, match="old-policy-micro-batch-size"):
+        type(step)(ObjectiveConfig(), OldPolicyConfig(old_policy_micro_batch_size=4), step.settings)
+
+
+def test_megatron_metrics_keep_what_megatron_reduces_exactly():
+    import torch
+
+    from megatron_psft.megatron_lm import megatron_metrics
+
+    metrics = {"loss": torch.tensor([-5.0, 5.0]), "logprob": torch.tensor([-20.0, 5.0]),
+               "ratio_max": torch.tensor(1.3), "trained_tokens_total": torch.tensor(5.0)}
+    report = megatron_metrics(metrics)
+    assert sorted(report) == ["loss", "nll"] and report["nll"].tolist() == [20.0, 5.0]
+
+
+def test_a_megatron_lm_model_megatron_psft_cannot_build_is_refused():
+    import argparse
+
+    from megatron_psft.megatron_lm import hf_config_from_megatron_lm_args
+
+    with pytest.raises(ValueError, match="normalization='LayerNorm'"):
+        hf_config_from_megatron_lm_args(argparse.Namespace(normalization="LayerNorm", qk_layernorm=True, swiglu=True))
