@@ -4,7 +4,9 @@ one process on CPU, side by side in one run (Python 3.12 with megatron-core >= 0
 
     .venv312/bin/python bench/bench_megatron_lm.py [--interval 4] [--rounds 2]
 
-Prints the median step time of each and their ratio, and each one's old-policy time per step: the
+Prints the mean step time of each over whole rounds (the trainer pays its old-policy pass on a round's
+first step, the hook on the round's later ones: a median would hide either) and their ratio, and each
+one's old-policy time per step: the
 trainer's look-ahead (a forward-only pass over the round's other K-1 global batches at its start) and the
 hook's frozen copy (a forward of the copy on each micro-batch of the round's later steps, plus the copy's
 refresh). Timed over whole rounds after a warm-up round.
@@ -143,11 +145,11 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench_megatron_lm_") as work:
         trainer, megatron_lm = _bench(args, work)
     runs = (("trainer", trainer), ("hook", megatron_lm))
-    step = {name: statistics.median(seconds for seconds, _ in steps) for name, steps in runs}
+    step = {name: statistics.mean(seconds for seconds, _ in steps) for name, steps in runs}
     old = {name: statistics.mean(old_policy for _, old_policy in steps) for name, steps in runs}
     print(f"K={args.interval}, {args.rounds} rounds timed, seq {args.seq_length}, global batch "
           f"{args.global_batch_size}, micro-batch {args.micro_batch_size}, one CPU process")
-    print(f"median step: trainer {step['trainer']:.3f} s, Megatron-LM + hook {step['hook']:.3f} s, "
+    print(f"mean step: trainer {step['trainer']:.3f} s, Megatron-LM + hook {step['hook']:.3f} s, "
           f"ratio hook/trainer {step['hook'] / step['trainer']:.3f}")
     print(f"old policy per step: trainer's look-ahead {old['trainer']:.3f} s, hook's frozen copy {old['hook']:.3f} s, "
           f"ratio {old['hook'] / old['trainer']:.3f}")
