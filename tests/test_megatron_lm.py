@@ -2,8 +2,9 @@
 with megatron_psft.megatron_lm's forward step, its model and optimizer built by Megatron-LM) against
 megatron-psft's trainer on the same weights and data, and checkpoints moving between the two.
 
-Two launches: TP2 + SP x EP2 on 4 ranks; TP1 x DP2 on 2 ranks, which also moves checkpoints both ways.
-Each runs 6 steps with the old policy refreshed every 3 (so the frozen copy serves steps 2, 3, 5, 6)."""
+Two launches: TP2 + SP x EP2 on 4 ranks; TP1 x DP2 on 2 ranks, which also moves checkpoints both ways and
+runs both trainers with MoE router replay. Each runs 6 steps with the old policy refreshed every 3 (so the
+frozen copy serves steps 2, 3, 5, 6)."""
 
 import importlib.util
 import json
@@ -170,8 +171,22 @@ def _scenario(tmp, data_prefix, name, exchange_checkpoints):
         _run_trainer(SHARED + layout + ["--data-prefix", data_prefix, "--load", theirs, "--finetune", "--train-iters",
                                         "1", "--lr", "0", "--save", ours + "_from_megatron_lm"])
         result["trainer_took_megatron_lm_weights"] = _differing(_trainer_weights(ours + "_from_megatron_lm"), final)
+        result["replay"] = _with_router_replay(tmp, data_prefix, initial, layout)
     dist.barrier()
     return result
+
+
+def _with_router_replay(tmp, data_prefix, initial, layout):
+    """Both trainers replaying the old forward's routing in the training forward, at a learning rate that
+    moves the routing: the forward step's steps (the trainer's are in replay.jsonl)."""
+    from megatron.training.training import destroy_global_state
+
+    replay = SHARED + layout + ["--train-iters", str(INTERVAL), "--lr", "1e-3", "--moe-router-replay"]
+    _run_trainer(replay + ["--data-prefix", data_prefix, "--pretrained-checkpoint", initial,
+                           "--metrics-file", os.path.join(tmp, "replay.jsonl")])
+    spy = _run_megatron_lm(replay + MEGATRON_LM + ["--data-path", data_prefix, "--load", initial])
+    destroy_global_state()
+    return spy.steps
 
 
 def _trainer_weights(path):
@@ -209,6 +224,19 @@ def test_six_steps_in_megatron_lm_equal_our_trainer(runs, name):
     # The frozen copy served the rounds' later steps: the policy had moved away from it.
     assert hook[1]["ratio_mean"] != 1.0 and hook[1]["approx_kl"] > 0
     assert hook[3]["approx_kl"] == 0.0 and hook[3]["clip_fraction"] == 0.0  # step 4 begins a round
+
+
+def test_router_replay_in_megatron_lm_equals_our_trainer(runs):
+    tmp, per_layout = runs
+    hook, trainer = per_layout["tp1_dp2"][-1]["replay"], _metrics(os.path.join(tmp, "replay.jsonl"))
+    assert len(hook) == len(trainer) == INTERVAL
+    for step, (got, want) in enumerate(zip(hook, trainer), start=1):
+        for key in COMPARED:
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (step, key, got[key], want[key])
+    # The later steps of the round ran on the old forward's routing: no top-k choice moved.
+    assert [step["routing_flip_fraction"] for step in hook[1:]] == [0.0, 0.0]
+    assert [record["routing_flip_fraction"] for record in trainer[1:]] == [0.0, 0.0]
+    assert hook[2]["approx_kl"] > 0
 
 
 def test_checkpoints_move_both_ways_exactly(runs):
