@@ -6,11 +6,12 @@ megatron-psft uses, so checkpoints move between the two trainers), and the datas
 preprocessed by ``megatron-psft-preprocess``, with its assistant-only loss mask). Everything else is
 Megatron-LM's: arguments, initialisation, DDP, the optimizer and its schedule, logging, checkpoints.
 
-    torchrun --nproc-per-node 8 examples/megatron_lm/pretrain_psft.py \\
+    CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --nproc-per-node 8 examples/megatron_lm/pretrain_psft.py \\
         $(python examples/megatron_lm/qwen3_moe_flags.py /models/Qwen3-30B-A3B) \\
         --data-path /data/sft --seq-length 4096 --micro-batch-size 1 --global-batch-size 32 \\
         --tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 8 \\
-        --use-distributed-optimizer --bf16 --lr 1e-6 --min-lr 0 --lr-decay-style cosine --lr-warmup-iters 10 \\
+        --moe-token-dispatcher-type alltoall --use-distributed-optimizer --bf16 \\
+        --lr 1e-6 --min-lr 0 --lr-decay-style cosine --lr-warmup-iters 10 \\
         --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --train-iters 1000 \\
         --tokenizer-type NullTokenizer --load /ckpt/qwen3-30b-a3b-mcore --finetune --save /ckpt/psft \\
         --objective psft --old-policy-interval 8
