@@ -33,6 +33,9 @@ setup(
         "apex": ["apex"],
         "metrics": ["tensorboard", "matplotlib"],
         "plot": ["matplotlib"],  # python -m megatron_psft.reports.plot
+        # megatron-psft-preprocess's parquet and `datasets` (save_to_disk) inputs; JSONL needs neither, nor does
+        # training, so a cluster container is not made to carry them. requirements-cpu*.txt pin the tested versions.
+        "data": ["datasets>=3.0", "pyarrow>=15"],
         "test": ["pytest"],
     },
 )
