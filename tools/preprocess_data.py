@@ -1,5 +1,6 @@
-"""Tokenize JSONL chat data into memory-mappable SFT samples: megatron_psft.data.preprocess from a checkout
-(installed, the same command is ``megatron-psft-preprocess``). ``--help`` gives the flags; docs/data.md the format."""
+"""Tokenize chat data (JSONL, parquet, a `datasets` directory) into memory-mappable SFT samples:
+megatron_psft.data.preprocess from a checkout (installed, the same command is ``megatron-psft-preprocess``).
+``--help`` gives the flags; docs/data.md the formats."""
 
 import os
 import sys

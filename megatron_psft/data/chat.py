@@ -1,6 +1,7 @@
 """Chat-template masking: which tokens of a rendered conversation are the assistant's, and so trained.
 
-A conversation (``{"messages": [...]}`` or ``{"prompt", "response"}``, :func:`parse_messages`) is
+A conversation (``{"messages": [...]}``, ShareGPT's ``{"conversations": [{"from", "value"}, ...]}`` or
+``{"prompt", "response"}``, as a JSONL line or a decoded parquet / `datasets` row: :func:`parse_messages`) is
 rendered once with the tokenizer's own chat template, and the loss mask is 1 exactly on each
 assistant message's rendered text (its answer, a <think> block where the template renders one, and
 its end-of-turn token) as it stands in that render, which also holds for templates that render a
@@ -15,65 +16,100 @@ import re
 import numpy as np
 
 ROLES = ("system", "user", "assistant", "tool")
+# The keys that make each record form (all of them, non-null).
+RECORD_FORMS = {"messages": ("messages",), "conversations": ("conversations",), "prompt/response": ("prompt", "response")}
+# ShareGPT's speakers (FastChat's human/gpt, and the role names some exports use instead).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 PROBE_QUESTION, PROBE_ANSWER = "PSFT-PROBE-QUESTION-7f3a", "PSFT-PROBE-ANSWER-c41e"
 
 
 class MalformedSample(ValueError):
-    """An input line that cannot become a training sample; the message says why."""
+    """An input record (line or row) that cannot become a training sample; the message says why."""
 
 
 class UnsupportedTemplate(ValueError):
     """A chat template whose assistant turns cannot be located; the message says why."""
 
 
-def parse_messages(line: str) -> list[dict]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise MalformedSample(f"bad JSON: {e}") from None
-    if not isinstance(row, dict):
-        raise MalformedSample(f"expected a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise MalformedSample('"messages" must be a non-empty list')
-    elif "prompt" in row and "response" in row:
-        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-        if "system" in row:
-            messages.insert(0, {"role": "system", "content": row["system"]})
-    else:
-        raise MalformedSample('expected a "messages" list, or "prompt" and "response" fields')
-
-    parsed = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise MalformedSample(f"message {i}: needs a \"role\" and a \"content\"")
-        role = message["role"]
-        if role not in ROLES:
-            raise MalformedSample(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        tool_calls = message.get("tool_calls") if role == "assistant" else None
-        if tool_calls is not None and (not isinstance(tool_calls, list)
-                                       or not all(isinstance(call, dict) for call in tool_calls)):
-            raise MalformedSample(f"message {i} (assistant): \"tool_calls\" must be a list of objects")
-        content = message["content"]
-        if content is None and tool_calls:
-            content = ""
-        if not isinstance(content, str) or not (content.strip() or tool_calls):
-            raise MalformedSample(f"message {i} ({role}): empty or non-string content")
-        out = {"role": role, "content": content}
-        if role == "assistant":
-            reasoning = message.get("reasoning_content")
-            if reasoning is not None and not isinstance(reasoning, str):
-                raise MalformedSample(f"message {i} (assistant): \"reasoning_content\" must be a string")
-            if reasoning is not None:
-                out["reasoning_content"] = reasoning
-            if tool_calls:
-                out["tool_calls"] = tool_calls
-        parsed.append(out)
+def parse_messages(record) -> list[dict]:
+    """A conversation's checked messages from one record: a JSONL line (str) or a row already decoded
+    (dict: a parquet or `datasets` row), in ``messages``, ShareGPT ``conversations`` or prompt/response
+    form (:func:`record_messages`)."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as e:
+            raise MalformedSample(f"bad JSON: {e}") from None
+    if not isinstance(record, dict):
+        raise MalformedSample(f"expected a JSON object, got {type(record).__name__}")
+    parsed = [checked_message(i, message) for i, message in enumerate(record_messages(record))]
     if not any(message["role"] == "assistant" for message in parsed):
         raise MalformedSample("no assistant turn")
     return parsed
+
+
+def record_messages(record: dict) -> list:
+    """The record's messages, unchecked, by the one form its keys show. A null field counts as absent:
+    parquet and `datasets` give every row every column, null where the row has none."""
+    fields = {key: value for key, value in record.items() if value is not None}
+    forms = [form for form, keys in RECORD_FORMS.items() if all(key in fields for key in keys)]
+    if not forms:
+        raise MalformedSample('expected a "messages" list, a ShareGPT "conversations" list, or "prompt" and '
+                              '"response" fields')
+    if len(forms) > 1:
+        raise MalformedSample(f"has fields of more than one form ({' and '.join(forms)}); expected one")
+    if forms[0] == "prompt/response":
+        messages = [{"role": "user", "content": fields["prompt"]}, {"role": "assistant", "content": fields["response"]}]
+        if "system" in fields:
+            messages.insert(0, {"role": "system", "content": fields["system"]})
+        return messages
+    turns = fields[forms[0]]
+    if not isinstance(turns, list) or not turns:
+        raise MalformedSample(f'"{forms[0]}" must be a non-empty list')
+    return sharegpt_messages(turns) if forms[0] == "conversations" else turns
+
+
+def sharegpt_messages(turns: list) -> list[dict]:
+    """ShareGPT turns ``{"from", "value"}`` as messages, roles mapped as ShareGPT's readers do."""
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise MalformedSample(f'conversations[{i}]: needs a "from" and a "value"')
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise MalformedSample(f"conversations[{i}]: unknown ShareGPT role {turn['from']!r} "
+                                  f"(expected one of {', '.join(SHAREGPT_ROLES)})")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def checked_message(i: int, message) -> dict:
+    """Message `i` with only the fields the chat template is given, or MalformedSample saying what is wrong."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise MalformedSample(f"message {i}: needs a \"role\" and a \"content\"")
+    role = message["role"]
+    if role not in ROLES:
+        raise MalformedSample(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    tool_calls = message.get("tool_calls") if role == "assistant" else None
+    if tool_calls is not None and (not isinstance(tool_calls, list)
+                                   or not all(isinstance(call, dict) for call in tool_calls)):
+        raise MalformedSample(f"message {i} (assistant): \"tool_calls\" must be a list of objects")
+    content = message["content"]
+    if content is None and tool_calls:
+        content = ""
+    if not isinstance(content, str) or not (content.strip() or tool_calls):
+        raise MalformedSample(f"message {i} ({role}): empty or non-string content")
+    out = {"role": role, "content": content}
+    if role == "assistant":
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise MalformedSample(f"message {i} (assistant): \"reasoning_content\" must be a string")
+        if reasoning is not None:
+            out["reasoning_content"] = reasoning
+        if tool_calls:
+            out["tool_calls"] = tool_calls
+    return out
 
 
 def render(tokenizer, messages, add_generation_prompt=False) -> str:
