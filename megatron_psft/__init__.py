@@ -12,12 +12,17 @@ from megatron_psft.psft.objectives import (
     sft_loss,
 )
 from megatron_psft.observability.metrics import reduce_metrics
+from megatron_psft.megatron_lm import HookSettings, PsftForwardStep, add_psft_arguments, forward_step_from_args
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HookSettings",
     "ObjectiveConfig",
+    "PsftForwardStep",
+    "add_psft_arguments",
     "dft_loss",
+    "forward_step_from_args",
     "iw_sft_loss",
     "make_loss_func",
     "psft_loss",

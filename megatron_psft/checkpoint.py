@@ -10,8 +10,11 @@ Layout of a checkpoint root (shared with ``checkpoint_convert``)::
         run_config.json                         what produced it: flags, TransformerConfig, versions, git
         rank_state/rank_00003.pt                per-rank state: RNG, and the old-policy round
 
-The model part is layout-free (global tensors), so a checkpoint loads at any TP / PP / EP / ETP;
-the optimizer part is saved ``dp_reshardable`` and resumes at the layout it was saved with.
+The model part is layout-free (global tensors), so a checkpoint loads at any TP / PP / EP / ETP; the
+distributed optimizer's part is saved ``fully_reshardable`` (Megatron-Core's canonical per-parameter form),
+so a run resumes with its Adam state at another world size or layout (checkpoints saved
+``dp_reshardable`` before resume at their own layout only). The per-rank state (RNG, the old-policy
+round's log-probs) is laid out by ranks: at another layout it is rebuilt (:func:`resume`).
 A checkpoint is written to ``iter_*.incomplete``, synced to disk, and renamed into place once every
 rank has finished; the ``latest`` marker is replaced atomically last. A process killed at any point
 leaves the previous checkpoint the latest, and the next save removes the leftovers.
@@ -27,12 +30,16 @@ import torch
 import torch.distributed as dist
 
 from megatron_psft.platform import parallel
-from megatron_psft.engine.optimizer import init_state_for_loading, restore_adam_steps, unwrap
+from megatron_psft.engine.optimizer import (init_state_for_loading, reshardable_load_keeps_adam_step,
+                                            restore_adam_steps, unwrap)
 from megatron_psft.observability.run_config import write_run_config
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 HF_CONFIG_FILE = "hf_config.json"
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+# How the distributed optimizer's state is saved (recorded in trainer_state; older checkpoints: dp_reshardable).
+OPTIMIZER_SHARDING = "fully_reshardable"
+LEGACY_OPTIMIZER_SHARDING = "dp_reshardable"
+RESHARDABLE_OPTIMIZER_FORMATS = ("fully_reshardable", "fully_sharded_model_space")
 FROZEN_PREFIX = "frozen_policy."
 
 
@@ -126,7 +133,8 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
     model_state = model_sharded_state_dict(model_chunks)
     state = {"model": model_state}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_SHARDING)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, metadata={"distrib_optim_sharding_type": OPTIMIZER_SHARDING})
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if trainer_state is not None:
@@ -194,8 +202,10 @@ def read_common_state(path: str) -> dict:
     return dist_checkpointing.load_common_state_dict(resolve(path))
 
 
-def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_chunks=None) -> tuple:
-    """Resume: model, optimizer and scheduler in place; returns (trainer_state, this rank's rank_state)."""
+def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_chunks=None,
+                        optimizer_sharding: str = OPTIMIZER_SHARDING) -> dict:
+    """Resume: model, optimizer (saved as `optimizer_sharding`) and scheduler in place; returns the
+    trainer state."""
     from megatron.core import dist_checkpointing
 
     directory = resolve(path)
@@ -203,7 +213,8 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_ch
     model_state = model_sharded_state_dict(model_chunks)
     request = {
         "model": model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_SHARDING),
+        "optimizer": optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                  metadata={"distrib_optim_sharding_type": optimizer_sharding}),
     }
     if frozen_chunks:
         request["frozen_policy"] = model_sharded_state_dict(frozen_chunks, FROZEN_PREFIX)
@@ -211,11 +222,11 @@ def load_training_state(path: str, model_chunks, optimizer, scheduler, frozen_ch
     _load_model_state(model_chunks, loaded["model"])
     if frozen_chunks:
         _load_model_state(frozen_chunks, loaded["frozen_policy"], FROZEN_PREFIX)
-    with torch.no_grad():  # fp32 main params are the model's leaf params
+    with torch.no_grad(), reshardable_load_keeps_adam_step(optimizer):  # fp32 main params are the leaf params
         optimizer.load_state_dict(loaded["optimizer"])
     restore_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
-    return loaded["trainer_state"], load_rank_state(directory, dist.get_rank())
+    return loaded["trainer_state"]
 
 
 def load_rank_state(directory: str, rank: int) -> dict:
@@ -240,9 +251,15 @@ def to_device(tree: Any, device: torch.device) -> Any:
 
 def read_hf_config(path: str) -> dict:
     """The HF config a checkpoint carries: from a checkpoint root or ``iter_*`` directory, or from a
-    directory holding just its ``hf_config.json`` (enough for a dry run without the weights)."""
+    directory holding just its ``hf_config.json`` (enough for a dry run without the weights). A Megatron-LM
+    checkpoint carries none: its config is told from the arguments it saved."""
     direct = os.path.join(path, HF_CONFIG_FILE)
-    with open(direct if os.path.isfile(direct) else os.path.join(resolve(path), HF_CONFIG_FILE)) as f:
+    carried = direct if os.path.isfile(direct) else os.path.join(resolve(path), HF_CONFIG_FILE)
+    if not os.path.isfile(carried):
+        from megatron_psft.megatron_lm import megatron_lm_hf_config
+
+        return megatron_lm_hf_config(resolve(path))
+    with open(carried) as f:
         return json.load(f)
 
 
@@ -251,20 +268,27 @@ def read_hf_config(path: str) -> dict:
 # the data and the old-policy round.
 RESUME_INVARIANTS = ("seed", "global_batch_size", "micro_batch_size", "seq_length", "pack_sequences", "objective",
                      "old_policy_interval", "sft_warmup_steps", "data_prefix")
-# Those the optimizer state and the per-rank state are laid out by: changing one needs --no-load-optim or
-# --finetune (the weights themselves are layout-free).
-LAYOUT_INVARIANTS = ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "virtual_pipeline_model_parallel_size", "expert_model_parallel_size",
-                     "expert_tensor_parallel_size", "params_dtype", "fp8_format", "fp8_recipe",
-                     "use_distributed_optimizer")
+# The parallel layout: a reshardable optimizer state resumes across a change of these (the per-rank
+# state is rebuilt); a dp_reshardable one needs --no-load-optim or --finetune.
+LAYOUT_KEYS = ("world_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+               "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size")
+# What the optimizer state's own form depends on: a change needs --no-load-optim or --finetune.
+PRECISION_INVARIANTS = ("params_dtype", "fp8_format", "fp8_recipe", "use_distributed_optimizer")
 # The learning-rate / weight-decay schedule's settings, as OptimizerParamScheduler saves them.
 SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style", "start_wd", "end_wd",
                  "wd_incr_steps", "wd_incr_style")
 
 
-def trainer_state(config, step: int, world_size: int) -> dict:
-    """What a checkpoint records of the run: its step, world size and whole configuration."""
-    return {"step": step, "world_size": world_size, "config": config.to_dict()}
+def trainer_state(config, step: int, world_size: int, optimizer) -> dict:
+    """What a checkpoint records of the run: its step, world size, whole configuration and optimizer form."""
+    return {"step": step, "world_size": world_size, "config": config.to_dict(), "optimizer_sharding": OPTIMIZER_SHARDING,
+            "optimizer_parts": optimizer_parts(optimizer)}
+
+
+def optimizer_parts(optimizer) -> int:
+    """How many optimizers Megatron-Core chains: dense and expert parameters get one each when the experts
+    have a data-parallel group of their own, and share one otherwise; their checkpoint keys differ."""
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def saved_settings(saved_trainer_state: dict) -> dict:
@@ -275,6 +299,12 @@ def saved_settings(saved_trainer_state: dict) -> dict:
     sections = saved_trainer_state["config"].values()
     return {"world_size": saved_trainer_state["world_size"],
             **{key: value for section in sections for key, value in section.items()}}
+
+
+def layout_changes(config, world_size: int, saved_trainer_state: dict) -> dict:
+    """The parallel settings that differ from the checkpoint's: {key: (saved, now)}."""
+    saved, now = saved_settings(saved_trainer_state), {**config.flat(), "world_size": world_size}
+    return {key: (saved[key], now[key]) for key in LAYOUT_KEYS if key in saved and saved[key] != now[key]}
 
 
 def check_resume(config, world_size: int, saved_trainer_state: dict, saved_schedule: dict, schedule: dict) -> None:
@@ -290,11 +320,17 @@ def check_resume(config, world_size: int, saved_trainer_state: dict, saved_sched
     settings = config.checkpoint
     if settings.no_load_optim:
         return
-    layout = changed(LAYOUT_INVARIANTS)
-    if layout:
-        raise ValueError(f"the checkpoint's optimizer and per-rank state were saved at another layout / precision; "
-                         f"changed (saved, now): {layout}. To continue from its weights, pass --no-load-optim "
-                         f"(keeps the step and the schedule) or --finetune (starts at step 0)")
+    how_to_go_on = ("To continue from its weights, pass --no-load-optim (keeps the step and the schedule) or "
+                    "--finetune (starts at step 0)")
+    precision = changed(PRECISION_INVARIANTS)
+    if precision:
+        raise ValueError(f"the checkpoint's optimizer state was saved at another precision / optimizer; changed "
+                         f"(saved, now): {precision}. {how_to_go_on}")
+    sharding = saved_trainer_state.get("optimizer_sharding", LEGACY_OPTIMIZER_SHARDING)
+    layout = layout_changes(config, world_size, saved_trainer_state)
+    if layout and sharding not in RESHARDABLE_OPTIMIZER_FORMATS:
+        raise ValueError(f"the checkpoint's optimizer and per-rank state were saved ({sharding}) at another layout; "
+                         f"changed (saved, now): {layout}. {how_to_go_on}")
     schedule_changes = {key: (saved_schedule[key], schedule[key]) for key in SCHEDULE_KEYS
                         if key in saved_schedule and saved_schedule[key] != schedule[key]}
     if schedule_changes and not (settings.override_opt_param_scheduler or settings.use_checkpoint_opt_param_scheduler):
@@ -327,12 +363,24 @@ def restore_rng_states(rank_state: dict) -> None:
 
 
 # --- resuming a run --------------------------------------------------------------------------------
+def _check_optimizer_parts(saved_trainer_state: dict, optimizer, layout: dict) -> None:
+    saved_parts = saved_trainer_state.get("optimizer_parts", optimizer_parts(optimizer))
+    if saved_parts != optimizer_parts(optimizer):
+        raise ValueError(f"the checkpoint's optimizer state has {saved_parts} part(s) (dense / expert), this layout "
+                         f"{optimizer_parts(optimizer)}: Megatron-Core keys them apart only when the experts have their "
+                         f"own data-parallel group, so changed (saved, now) {layout} cannot carry the Adam state. Keep "
+                         "the experts' grouping (e.g. EP > 1 on both sides), or pass --no-load-optim or --finetune")
+
+
 def resume(root: str, config, model_chunks, optimizer, scheduler, frozen_chunks, old_policy) -> int:
     """Resume the run of `config` from the checkpoint under `root`, refusing changed settings
     (:func:`check_resume`); returns the step to continue from. With ``--no-load-optim`` only the weights
-    and the step: the configuration's schedule, a fresh optimizer and old-policy round."""
+    and the step: the configuration's schedule, a fresh optimizer and old-policy round. At another
+    layout the per-rank state is rebuilt: the RNG from the seed (training draws no random numbers), and
+    the interrupted round's old log-probs recomputed from the resumed weights (docs/run_script.md)."""
     saved = read_common_state(root)
-    check_resume(config, dist.get_world_size(), saved["trainer_state"], saved["scheduler"], scheduler.state_dict())
+    world_size = dist.get_world_size()
+    check_resume(config, world_size, saved["trainer_state"], saved["scheduler"], scheduler.state_dict())
     settings = config.checkpoint
     if settings.no_load_optim:
         load_model(root, model_chunks, frozen_chunks)
@@ -343,8 +391,17 @@ def resume(root: str, config, model_chunks, optimizer, scheduler, frozen_chunks,
         return step
     scheduler.override_opt_param_scheduler = settings.override_opt_param_scheduler
     scheduler.use_checkpoint_opt_param_scheduler = settings.use_checkpoint_opt_param_scheduler
-    trainer_state, rank_state = load_training_state(root, model_chunks, optimizer, scheduler,
-                                                    frozen_chunks=frozen_chunks)
+    sharding = saved["trainer_state"].get("optimizer_sharding", LEGACY_OPTIMIZER_SHARDING)
+    layout = layout_changes(config, world_size, saved["trainer_state"])
+    if layout:
+        _check_optimizer_parts(saved["trainer_state"], optimizer, layout)
+    trainer_state = load_training_state(root, model_chunks, optimizer, scheduler, frozen_chunks=frozen_chunks,
+                                        optimizer_sharding=sharding)
+    if layout:
+        parallel.print_rank_last(f"resharded from {resolve(root)} at step {trainer_state['step']}: changed (saved, "
+                                 f"now) {layout}; RNG from the seed, the round's old log-probs recomputed")
+        return trainer_state["step"]
+    rank_state = load_rank_state(resolve(root), dist.get_rank())
     restore_rng_states(rank_state)
     old_policy.load_state_dict(to_device(rank_state["old_policy"], parallel.device()))
     parallel.print_rank_last(f"resumed from {resolve(root)} at step {trainer_state['step']}")

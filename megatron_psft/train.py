@@ -147,7 +147,7 @@ class Trainer:
         with self.timers("save"):
             path = checkpoint.save(
                 root, self.step, self.model, self.launch.hf_config, self.optimizer, self.scheduler,
-                trainer_state=checkpoint.trainer_state(self.config, self.step, dist.get_world_size()),
+                trainer_state=checkpoint.trainer_state(self.config, self.step, dist.get_world_size(), self.optimizer),
                 rank_state=checkpoint.capture_rank_state(self.old_policy.state_dict()),
                 frozen_chunks=self.frozen, run_config=self.run_config)
         if dist.get_rank() == 0:

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from megatron_psft.observability import clipped_tokens as clipped_tokens_file
+from megatron_psft.observability import clipped_tokens as clipped_tokens_writer
 from megatron_psft.reports import clipped_tokens
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "clipped_tokens.py")
@@ -193,17 +193,17 @@ def test_bad_tokenizer(tmp_path, capsys):
 def test_writer_lines_and_resume(tmp_path):
     """The trainer's lines: vocabulary-long float histograms (as the loss returns them) with the ids never
     counted left out; a resumed run drops the lines after its checkpoint and the report counts each step once."""
-    path = str(tmp_path / clipped_tokens_file.FILE_NAME)
-    assert clipped_tokens_file.path_next_to(str(tmp_path / "metrics.jsonl")) == path
+    path = str(tmp_path / clipped_tokens_writer.FILE_NAME)
+    assert clipped_tokens_writer.path_next_to(str(tmp_path / "metrics.jsonl")) == path
     response = torch.tensor([3.0, 2.0, 0.0, 1.0, 0.0])
-    writer = clipped_tokens_file.ClippedTokensWriter(path)
+    writer = clipped_tokens_writer.ClippedTokensWriter(path)
     for step in (1, 2, 3):
         writer.write(step, torch.tensor([0.0, step, 0.0, 1.0, 0.0]), response)
     writer.close()
     with open(path) as f:
         assert f.readline() == '{"step": 1, "clipped": {"1": 1, "3": 1}, "response": {"0": 3, "1": 2, "3": 1}}\n'
 
-    writer = clipped_tokens_file.ClippedTokensWriter(path, resumed_step=1)  # steps 2 and 3 are trained again
+    writer = clipped_tokens_writer.ClippedTokensWriter(path, resumed_step=1)  # steps 2 and 3 are trained again
     writer.write(2, [0, 0, 0, 1, 0], [1, 0, 0, 1, 0])
     writer.close()
     with open(path) as f:

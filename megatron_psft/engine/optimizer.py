@@ -1,6 +1,7 @@
 """Megatron-Core's DDP, (distributed) Adam and learning-rate / weight-decay scheduler, wired up; and the
 fix-ups torch's Adam needs when Megatron loads its state."""
 
+import contextlib
 from typing import List
 
 import torch
@@ -89,19 +90,48 @@ def init_state_for_loading(optimizer) -> None:
     """Create Adam's empty state, which the sharded optimizer state dict is built from before loading.
     Megatron's init_state_fn leaves out torch Adam's per-parameter ``step`` (kept per group by the
     Apex/TE Adams), which the distributed optimizer reads without them."""
+    for sub in _torch_adams(optimizer, init=True):
+        for state in sub.optimizer.state.values():
+            state.setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def reshardable_load_keeps_adam_step(optimizer):
+    """Within it, the distributed optimizer loads a fully_reshardable (or model-space) state with torch's
+    Adam. megatron-core (0.16.1 to 0.19.2) restores Adam's step from the param groups, then copies every
+    state tensor a parameter holds from the checkpoint's per-parameter tensors, which leave ``step``
+    out: a KeyError wherever Apex / TE's Adam (no per-parameter step) is absent. Each parameter's own,
+    just restored step is handed back as its source."""
+    patched = [sub for sub in _torch_adams(optimizer) if hasattr(sub, "_set_main_param_and_optimizer_states")]
+    for sub in patched:
+        def set_states(model_param, tensors, sub=sub, original=sub._set_main_param_and_optimizer_states):
+            group_index, group_order = sub.model_param_group_index_map[model_param]
+            main_param = sub.optimizer.param_groups[group_index]["params"][group_order]
+            state = sub.optimizer.state[main_param]
+            original(model_param, {**tensors, **({"step": state["step"]} if "step" in state else {})})
+
+        sub._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for sub in patched:
+            del sub._set_main_param_and_optimizer_states
+
+
+def _torch_adams(optimizer, init: bool = False):
+    """The chained sub-optimizers (or the optimizer itself) that wrap torch's Adam; with `init`, every
+    sub-optimizer's empty state is created first."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        sub.init_state_fn(sub.optimizer, sub.config)
+        if init:
+            sub.init_state_fn(sub.optimizer, sub.config)
         if isinstance(sub.optimizer, torch.optim.Adam):
-            for state in sub.optimizer.state.values():
-                state.setdefault("step", torch.tensor(0.0))
+            yield sub
 
 
 def restore_adam_steps(optimizer) -> None:
     """Megatron restores Adam's step count into the param groups (where the Apex/TE Adams keep it);
     torch's Adam reads it per parameter, so its bias correction would restart at step 1."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(sub.optimizer, torch.optim.Adam):
-            continue
+    for sub in _torch_adams(optimizer):
         for group in sub.optimizer.param_groups:
             if "step" in group:
                 for param in group["params"]:

@@ -49,6 +49,7 @@ def versions(platform) -> dict:
 def run_config(config, transformer_config, platform, world_size: int) -> dict:
     return {
         "config": config.to_dict(),
+        "args": config.flat(),  # the same settings by key (the flags' destinations), as Megatron-LM records args
         "world_size": world_size,
         "transformer_config": {field.name: _jsonable(getattr(transformer_config, field.name))
                                for field in dataclasses.fields(transformer_config)},
