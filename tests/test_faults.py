@@ -174,7 +174,7 @@ def _resume_rules(tmp, data_prefix):
     results["keep_schedule"] = train(["--train-iters", "6", "--load", saved, "--use-checkpoint-opt-param-scheduler",
                                       "--metrics-file", metrics("keep")])
     results["tp2"] = train(tp2 + ["--train-iters", "6", "--load", saved, "--override-opt-param-scheduler",
-                                  "--metrics-file", metrics("tp2_refused")])
+                                  "--metrics-file", metrics("tp2_resharded")])
     results["no_load_optim"] = train(tp2 + ["--train-iters", "6", "--load", saved, "--no-load-optim",
                                             "--metrics-file", metrics("no_load_optim")])
     results["finetune"] = train(tp2 + ["--train-iters", "2", "--load", saved, "--finetune",
@@ -222,10 +222,16 @@ def test_a_truncated_metrics_line_is_dropped_with_a_warning(resume_rules):
     assert [r["step"] for r in _records(os.path.join(tmp, "override.jsonl"))] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_changed_layout_is_refused_naming_it_and_the_ways_on(resume_rules):
+def test_a_changed_layout_resumes_with_the_optimizer_state(resume_rules):
+    """TP1 -> TP2 at a round boundary: the reshardable optimizer state carries over, so steps 5-6 are the
+    TP1 run's (the same checkpoint resumed at TP1 with the same schedule). Refusals: tests/test_reshard.py."""
     tmp, results = resume_rules
-    message = results["tp2"]
-    assert "tensor_model_parallel_size': (1, 2)" in message and "--no-load-optim" in message and "--finetune" in message
+    assert results["tp2"] == "ok", results["tp2"]
+    got, want = _records(os.path.join(tmp, "tp2_resharded.jsonl")), _records(os.path.join(tmp, "override.jsonl"))
+    assert [r["step"] for r in got] == [5, 6]
+    for g, w in zip(got, want[4:]):
+        for key in ("loss", "grad_norm", "learning_rate"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5), (g["step"], key)
 
 
 def test_no_load_optim_continues_the_weights_at_a_new_layout(resume_rules):

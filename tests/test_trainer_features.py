@@ -94,7 +94,8 @@ def _attempt(argv):
 
 
 def _resume_at_another_world_size(tmp, data_prefix, saved_at):
-    """Resume the checkpoint saved with `saved_at` processes; nothing may be written."""
+    """Resume the checkpoint saved with `saved_at` processes; reports the error, if any, and whether the
+    checkpoint root is unchanged."""
     import torch.distributed as dist
 
     ckpt = os.path.join(tmp, f"world{saved_at}")
@@ -217,7 +218,7 @@ def _features(tmp, data_prefix, configs):
         _train(dense + ["--save", dense_ckpt] + extra + metrics(f"dense_{part}"))
         parallel.destroy()
 
-    # World size: refuse the 2-rank checkpoint here; save one for the 2-rank launch that follows.
+    # World size: resume the 2-rank checkpoint here; save one for the 2-rank launch that follows.
     results["world_size"] = _resume_at_another_world_size(tmp, data_prefix, saved_at=2)
     _save_for_another_world_size(tmp, data_prefix)
 
@@ -363,20 +364,19 @@ def test_non_finite_gradient_stops_before_the_optimizer_moves(run, value):
     assert not os.path.exists(metrics) or os.path.getsize(metrics) == 0, "the failed step was logged"
 
 
-def _check_world_size_refusal(per_rank, saved, now):
+def _check_world_size_reshard(per_rank, saved, now):
+    """A checkpoint saved mid-round by `saved` processes resumes on `now` with its optimizer state (the
+    per-rank state rebuilt) and saves its last step; tests/test_reshard.py checks the numbers."""
     for rank, outcome in enumerate(per_rank):
-        assert outcome["error"] is not None, f"rank {rank}: a checkpoint saved by {saved} processes resumed on {now}"
-        kind, message = outcome["error"]
-        assert kind == "ValueError" and f"'world_size': ({saved}, {now})" in message, (rank, kind, message)
-        assert "--no-load-optim" in message, message  # the way on: the weights without the per-rank state
-    assert per_rank[0]["unchanged"], "the refused resume wrote into the checkpoint"
+        assert outcome["error"] is None, (rank, saved, now, outcome["error"])
+    assert not per_rank[0]["unchanged"], "the resumed run saved nothing"
 
 
-def test_resume_on_more_processes_is_refused(run):
+def test_resume_on_more_processes_reshards(run):
     _, per_rank, _ = run
-    _check_world_size_refusal([result["world_size"] for result in per_rank], saved=2, now=4)
+    _check_world_size_reshard([result["world_size"] for result in per_rank], saved=2, now=4)
 
 
-def test_resume_on_fewer_processes_is_refused(run):
+def test_resume_on_fewer_processes_reshards(run):
     _, _, two_ranks = run
-    _check_world_size_refusal(two_ranks, saved=4, now=2)
+    _check_world_size_reshard(two_ranks, saved=4, now=2)
