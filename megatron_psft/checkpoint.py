@@ -114,6 +114,36 @@ def _sync_written_files(staging: str, rank_file: Optional[str]) -> None:
         _fsync(path)
 
 
+_WRITER_QUEUE_MANAGER = None  # kept alive for the process's lifetime, as megatron-core keeps its own
+
+
+def _kill_with_parent() -> None:
+    """Runs first in the writer queue's Manager process: the kernel kills it when its parent dies."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def writer_queue_dies_with_this_process() -> None:
+    """megatron-core's filesystem writer (0.16.1, 0.19.2) collects its results through a queue served by a
+    Manager process it spawns once per process and never stops: a rank killed by SIGKILL (a node failure,
+    a launcher ending the job) leaves it behind with its resource tracker. Started here first, the Manager
+    dies with its rank, and the tracker, left without writers, with it."""
+    global _WRITER_QUEUE_MANAGER
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None or not os.path.exists("/proc/self"):  # set, or not Linux
+        return
+    from multiprocessing.managers import SyncManager
+
+    from torch import multiprocessing
+
+    _WRITER_QUEUE_MANAGER = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    _WRITER_QUEUE_MANAGER.start(_kill_with_parent)
+    filesystem_async._results_queue = _WRITER_QUEUE_MANAGER.Queue()
+
+
 def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=None, scheduler=None,
          trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None, frozen_chunks=None,
          run_config: Optional[dict] = None) -> str:
@@ -121,6 +151,7 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
     ``run_config.json``: what produced it."""
     from megatron.core import dist_checkpointing
 
+    writer_queue_dies_with_this_process()
     final = iteration_dir(root, iteration)
     staging = final + ".incomplete"
     if dist.get_rank() == 0:

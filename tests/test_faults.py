@@ -273,3 +273,23 @@ def test_load_of_a_weights_only_checkpoint_starts_from_its_weights(resume_rules)
     assert results["load_weights_only"] == "ok" == results["pretrained"]
     got, want = _records(os.path.join(tmp, "load_weights_only.jsonl")), _records(os.path.join(tmp, "pretrained.jsonl"))
     assert [r["step"] for r in got] == [1] and got[0]["loss"] == want[0]["loss"]
+
+
+def test_the_checkpoint_writers_queue_process_dies_with_its_rank(tmp_path):
+    """megatron-core's writer queue lives in a Manager process of each saving rank; a rank killed by
+    SIGKILL must not leave it (or its resource tracker) behind."""
+    script = ("from megatron_psft import checkpoint; checkpoint.writer_queue_dies_with_this_process(); "
+              "print(checkpoint._WRITER_QUEUE_MANAGER._process.pid, flush=True); import time; time.sleep(600)")
+    rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    try:
+        manager = psutil.Process(int(rank.stdout.readline()))
+        children = psutil.Process(rank.pid).children(recursive=True)
+        assert manager in children
+        rank.kill()
+        rank.wait(timeout=30)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        rank.kill()
+        rank.stdout.close()
