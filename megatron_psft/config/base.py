@@ -16,12 +16,10 @@ class ConfigError(ValueError):
     """A setting, or a combination of settings, that cannot run; the message names the flags."""
 
 
-def setting(default: Any = None, *, flag: Optional[str] = None, key: Optional[str] = None, **kwargs) -> Any:
+def setting(default: Any = None, *, flag: Optional[str] = None, key: Optional[str] = None) -> Any:
     """A dataclass field whose flag (or key, when it differs from the field's name) is given."""
     metadata = {name: value for name, value in (("flag", flag), ("key", key)) if value}
-    if "default_factory" in kwargs:
-        return dataclasses.field(metadata=metadata, **kwargs)
-    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def key_of(field: dataclasses.Field) -> str:
@@ -70,7 +68,7 @@ class Section:
         unknown = set(values) - set(known)
         if unknown:
             raise ConfigError(f"{cls.__name__} has no settings {sorted(unknown)}")
-        return cls(**{known[key].name: _as_field(known[key], value) for key, value in values.items()})
+        return cls(**{known[key].name: _as_tuple(value) for key, value in values.items()})
 
     def replace(self: T, **changes) -> T:
         return dataclasses.replace(self, **changes)
@@ -84,5 +82,6 @@ def _plain(value):
     return value
 
 
-def _as_field(field: dataclasses.Field, value):
+def _as_tuple(value):
+    """JSON lists back into the tuples the frozen fields hold."""
     return tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(value, list) else value
