@@ -50,6 +50,9 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                        help="on resume, keep the checkpoint's learning-rate schedule whatever the flags say")
     group.add_argument("--save", help="checkpoint root to save to")
     group.add_argument("--save-interval", type=int, default=0, help="save every N steps (0: only at the end)")
+    group.add_argument("--async-save", action="store_true",
+                       help="write checkpoints in the background while training goes on (megatron-core's asynchronous "
+                            "dist-checkpointing); 'latest' moves only when a save is complete")
     group.add_argument("--exit-interval", type=int, default=0,
                        help="stop (and save) once the step count is a multiple of N; the schedule still spans --train-iters")
     group.add_argument("--exit-duration-in-mins", type=float, default=None,

@@ -34,9 +34,11 @@ class CheckpointConfig(Section):
     no_load_optim: bool = False  # from --load the weights and the step
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
+    async_save: bool = False  # saves overlap training (megatron-core's asynchronous dist-checkpointing)
 
     def __post_init__(self):
         self.non_negative("save_interval")
+        self.require(self.save or not self.async_save, "--async-save needs --save")
         self.require(not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
                      "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other")
         self.require(self.load or not (self.finetune or self.no_load_optim), "--finetune / --no-load-optim need --load")
