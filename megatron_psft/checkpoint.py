@@ -326,10 +326,13 @@ def saved_settings(saved_trainer_state: dict) -> dict:
     """The settings a checkpoint recorded, by configuration key. Checkpoints from before the typed
     configuration (main at 2337daf and earlier) recorded the resume keys flat, under the same names."""
     if "config" not in saved_trainer_state:
-        return {key: value for key, value in saved_trainer_state.items() if key != "step"}
-    sections = saved_trainer_state["config"].values()
-    return {"world_size": saved_trainer_state["world_size"],
-            **{key: value for section in sections for key, value in section.items()}}
+        settings = {key: value for key, value in saved_trainer_state.items() if key != "step"}
+    else:
+        settings = {"world_size": saved_trainer_state["world_size"],
+                    **{key: value for section in saved_trainer_state["config"].values() for key, value in section.items()}}
+    if isinstance(settings.get("data_prefix"), str):  # one prefix, as checkpoints before blends recorded it
+        settings["data_prefix"] = [settings["data_prefix"]]
+    return settings
 
 
 def layout_changes(config, world_size: int, saved_trainer_state: dict) -> dict:

@@ -19,6 +19,7 @@ from megatron_psft import platform as platforms
 from megatron_psft.config import ConfigError, TrainConfig
 from megatron_psft.config.flags import CommandLine, parse_config, refuse
 from megatron_psft.data import SFTDataset, check_tokenizer
+from megatron_psft.data.blend import BlendedDataset
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, transformer_config
 from megatron_psft.plan import GiB, Sizes, memory_per_gpu
 from megatron_psft.platform.precision import parse_dtype
@@ -37,7 +38,7 @@ class Launch:
     resume_from: Optional[str]  # a training checkpoint to continue
     weights_from: Optional[str]  # a checkpoint to take the starting weights from
     planned: bool = False  # a dry run's plan: nothing is launched, loaded or checked against this machine
-    train_set: Optional[SFTDataset] = None  # loaded and checked (memory-mapped) unless planned
+    train_set: Optional[BlendedDataset] = None  # loaded and checked (memory-mapped) unless planned
     eval_sets: Optional[Dict[str, SFTDataset]] = None
 
     @property
@@ -76,7 +77,9 @@ def resolve(config: TrainConfig, platform: Optional[platforms.Platform] = None, 
         raise ConfigError("--data-prefix is required")
     check_memory(launch)
     eval_sets = {name: load_dataset(prefix, model_args, config) for name, prefix in config.evaluation.sets.items()}
-    return dataclasses.replace(launch, train_set=load_dataset(data.data_prefix, model_args, config), eval_sets=eval_sets)
+    prefixes, weights = data.blend
+    sources = [load_dataset(prefix, model_args, config) for prefix in prefixes]
+    return dataclasses.replace(launch, train_set=BlendedDataset(prefixes, sources, weights), eval_sets=eval_sets)
 
 
 def _checkpoints(config: TrainConfig):

@@ -18,9 +18,12 @@ Calibration: Qwen3-30B-A3B widths with 2 layers, seq 4096, micro-batch 1, bf16, 
 distributed optimizer on one H100 peaked at 44.6 GiB allocated; this estimate gives 43.7 GiB.
 """
 
+import os
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List
 
+from megatron_psft.data.blend import epochs_over_run, normalized_weights
+from megatron_psft.data.format import dataset_paths, read_meta
 from megatron_psft.kernels.logprobs import CHUNK_BUFFER_BYTES
 from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, padded_vocab_size
 from megatron_psft.platform.parallel import ParallelLayout
@@ -175,6 +178,7 @@ def format_plan(launch) -> str:
         f"PP{sizes.pipeline} x DP{sizes.data}, SP {'on' if sizes.sequence_parallel else 'off'}, VPP {sizes.virtual_pipeline}",
         f"  experts      EP{sizes.expert} x ETP{sizes.expert_tensor} x expert-DP{sizes.expert_data}",
         _batch_line(data, sizes),
+        *_data_lines(data, config.training.train_iters),
         f"  precision    {model.params_dtype}, {fp8}, grouped GEMM {'on' if transformer_config.moe_grouped_gemm else 'off'}, "
         f"recompute {_recompute(transformer_config)}",
         f"  objective    {config.objective.name}, old policy "
@@ -184,6 +188,28 @@ def format_plan(launch) -> str:
     ]
     lines += [f"    {name:<44} {value * scale:7.1f}" for name, value in memory.items()]
     return "\n".join(lines)
+
+
+def _data_lines(data, train_iters: int) -> List[str]:
+    """The training sources, their weights and, where their meta.json is at hand, their epochs over the run."""
+    prefixes, weights = data.blend
+    if not prefixes:
+        return []
+    metas = [read_meta(dataset_paths(prefix)["meta.json"]) if os.path.exists(dataset_paths(prefix)["meta.json"])
+             else None for prefix in prefixes]
+    sizes = [meta["num_samples"] if meta else None for meta in metas]
+    known = None not in sizes
+    shares = normalized_weights(weights, sizes) if weights is not None or known else [None] * len(prefixes)
+    epochs = (epochs_over_run(weights, sizes, train_iters * data.global_batch_size) if known
+              else [None] * len(prefixes))
+    lines = []
+    for index, (prefix, share, size, epoch) in enumerate(zip(prefixes, shares, sizes, epochs)):
+        label = "data" if index == 0 else ""
+        weight = f"weight {share:.3f}" if share is not None else "weight by size"
+        over_run = (f"{size} samples, {epoch:.2f} epochs over the run" if epoch is not None
+                    else f"{size} samples" if size is not None else "not read (no meta.json here)")
+        lines.append(f"  {label:<12} {prefix}: {weight}, {over_run}")
+    return lines
 
 
 def _batch_line(data, sizes: Sizes) -> str:

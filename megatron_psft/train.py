@@ -21,7 +21,6 @@ from megatron_psft.platform import parallel
 from megatron_psft.psft import routing
 from megatron_psft.observability.clipped_tokens import ClippedTokensWriter, path_next_to
 from megatron_psft.config import ObjectiveConfig
-from megatron_psft.data import global_batch_indices
 from megatron_psft.data.batching import Batching, rank_micro_batches
 from megatron_psft.engine.evaluation import EvalSettings, evaluate
 from megatron_psft.launch import Launch, parse_launch
@@ -94,8 +93,7 @@ class Trainer:
 
     def micro_batches(self, step: int) -> List[dict]:
         """This data-parallel rank's share of global batch `step`, as micro-batches."""
-        data = self.config.data
-        indices = global_batch_indices(len(self.dataset), data.global_batch_size, step, self.config.training.seed)
+        indices = self.dataset.batch_indices(step, self.config.data.global_batch_size, self.config.training.seed)
         return rank_micro_batches(self.dataset, indices, self.batching, parallel.device())
 
     def train_one_step(self) -> dict:
@@ -122,6 +120,7 @@ class Trainer:
         response = record.pop("response_token_counts_total", None)
         if clipped is not None and self.clipped_tokens:
             self.clipped_tokens.write(self.step, clipped, response)
+        record.update(self.dataset.batch_counts(step, config.data.global_batch_size, config.training.seed))
         record.update(self.timers.collect())
         if not self.memory_reported:
             self.memory_reported = True

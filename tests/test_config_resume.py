@@ -74,6 +74,6 @@ def test_the_resumed_checkpoint_records_the_typed_configuration(work):
     work, _ = work
     state = checkpoint.read_common_state(str(work / "checkpoint"))["trainer_state"]
     assert state["step"] == 4 and state["world_size"] == 1
-    assert state["config"]["old_policy"]["old_policy_interval"] == 3 and state["config"]["data"]["data_prefix"] == "data/chat"
+    assert state["config"]["old_policy"]["old_policy_interval"] == 3 and state["config"]["data"]["data_prefix"] == ["data/chat"]
     settings = checkpoint.saved_settings(state)
     assert settings["seed"] == 7 and settings["objective"] == "psft"

@@ -10,9 +10,36 @@ from megatron_psft.config.base import ConfigError, Section
 _SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
+def parse_data_prefix(items: Sequence[str]) -> Tuple[Tuple[str, ...], Optional[Tuple[float, ...]]]:
+    """``--data-prefix`` as (prefixes, weights), read as Megatron reads ``--data-path``: ``W1 P1 W2 P2 ...``
+    when every other item from the first is a number, else a list of prefixes (weights None: each
+    source in proportion to its samples)."""
+    pairs = len(items) % 2 == 0 and len(items) > 1
+    weights = [_number(item) for item in items[::2]] if pairs else [None]
+    if None in weights:
+        numbers = [item for item in items if _number(item) is not None]
+        if numbers:
+            raise ConfigError(f"--data-prefix {' '.join(items)}: {numbers[0]} reads as a weight, but the items are not "
+                              "WEIGHT PREFIX pairs")
+        return tuple(items), None
+    prefixes = tuple(items[1::2])
+    for weight, prefix in zip(weights, prefixes):
+        if not weight > 0 or weight == float("inf"):
+            raise ConfigError(f"--data-prefix: the weight of {prefix} must be a positive number, got {weight}")
+    return prefixes, tuple(weights)
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class DataConfig(Section):
-    data_prefix: Optional[str] = None  # output prefix of the preprocessing tool (required to train)
+    # Output prefixes of the preprocessing tool, optionally weighted (W1 PREFIX1 W2 PREFIX2 ...); required to train.
+    data_prefix: Tuple[str, ...] = ()
     seq_length: int = 4096
     micro_batch_size: int = 1
     global_batch_size: int = 32  # sequences per optimizer step (the paper's mini-batch)
@@ -21,8 +48,16 @@ class DataConfig(Section):
     allow_tokenizer_mismatch: bool = False
 
     def __post_init__(self):
+        if isinstance(self.data_prefix, str):  # one prefix, as Python callers and older checkpoints give it
+            object.__setattr__(self, "data_prefix", (self.data_prefix,))
         for name in ("seq_length", "micro_batch_size", "global_batch_size"):
             self.at_least(name, 1)
+        parse_data_prefix(self.data_prefix)  # refuses a weight that is not a positive number
+
+    @property
+    def blend(self) -> Tuple[Tuple[str, ...], Optional[Tuple[float, ...]]]:
+        """The training sources and their weights (None: in proportion to their samples)."""
+        return parse_data_prefix(self.data_prefix)
 
 
 def parse_eval_data_prefix(items: Sequence[str]) -> Dict[str, str]:

@@ -101,7 +101,10 @@ def _precision_flags(parser: argparse.ArgumentParser) -> None:
 
 def _data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--data-prefix", help="output prefix of tools/preprocess_data.py (required but for --dry-run)")
+    group.add_argument("--data-prefix", nargs="+", default=[], metavar="[WEIGHT] PREFIX",
+                       help="output prefix of tools/preprocess_data.py, or a weighted blend W1 PREFIX1 W2 PREFIX2 ... "
+                            "(Megatron's --data-path form; unweighted prefixes blend by their sizes). Required but "
+                            "for --dry-run")
     group.add_argument("--seq-length", type=int, default=4096)
     group.add_argument("--micro-batch-size", type=int, default=1)
     group.add_argument("--global-batch-size", type=int, default=32, help="sequences per optimizer step (the paper's mini-batch)")

@@ -168,31 +168,34 @@ class SFTDataset:
         return self.tokens[start:end].astype(np.int64), self.mask[start:end].astype(bool)
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    permutation = np.random.default_rng([seed, epoch]).permutation(num_samples)
+@functools.lru_cache(maxsize=8)
+def _epoch_permutation(num_samples: int, key: tuple) -> np.ndarray:
+    permutation = np.random.default_rng(list(key)).permutation(num_samples)
     permutation.flags.writeable = False  # shared by the cache
     return permutation
 
 
-def global_batch_indices(num_samples: int, global_batch_size: int, step: int, seed: int) -> list[int]:
-    """Sample indices of optimizer step `step` (0-based): epochs of a seeded permutation, consumed in order,
-    crossing epoch boundaries seamlessly. Pure function of its arguments, so resume is exact.
+def stream_samples(num_samples: int, positions: np.ndarray, key: tuple) -> np.ndarray:
+    """The samples at `positions` of the endless stream of per-epoch permutations of `num_samples`
+    samples, epoch ``e`` seeded by ``key + (e,)``: every sample appears exactly once per epoch."""
+    epochs, within = np.divmod(positions, num_samples)
+    samples = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        in_epoch = epochs == epoch
+        samples[in_epoch] = _epoch_permutation(num_samples, key + (int(epoch),))[within[in_epoch]]
+    return samples
 
-    Step ``s`` takes positions ``[s * gbs, (s + 1) * gbs)`` of the endless stream formed by
-    concatenating per-epoch permutations (epoch ``e`` is seeded by ``(seed, e)``), so every sample
-    appears exactly once per epoch.
+
+def global_batch_indices(num_samples: int, global_batch_size: int, step: int, seed: int) -> list[int]:
+    """Sample indices of optimizer step `step` (0-based): positions ``[s * gbs, (s + 1) * gbs)`` of the
+    stream of seeded epochs (:func:`stream_samples`, epoch ``e`` seeded by ``(seed, e)``), crossing epoch
+    boundaries seamlessly. Pure function of its arguments, so resume is exact.
     """
     if num_samples < 1 or global_batch_size < 1 or step < 0:
         raise ValueError(f"need num_samples >= 1, global_batch_size >= 1, step >= 0; got "
                          f"{num_samples}, {global_batch_size}, {step}")
     positions = np.arange(step * global_batch_size, (step + 1) * global_batch_size, dtype=np.int64)
-    epochs, within = np.divmod(positions, num_samples)
-    indices = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-        in_epoch = epochs == epoch
-        indices[in_epoch] = _epoch_permutation(num_samples, seed, int(epoch))[within[in_epoch]]
-    return indices.tolist()
+    return stream_samples(num_samples, positions, (seed,)).tolist()
 
 
 def _check_lengths(samples, seq_length):
