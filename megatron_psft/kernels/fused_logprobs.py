@@ -6,7 +6,15 @@ at TP1). Fused, tokens go through in chunks: the forward keeps only per-row stat
 all-reduces happen once, over all tokens), and the backward recomputes each chunk's logits, turns
 them into their gradient and folds that straight into the gradients of the hidden states and of the
 output weight. Extra memory: one chunk of logits and its gradient, plus an fp32 accumulator for the
-weight's gradient when the weight is bf16. The price is one more output-layer matmul (the recompute).
+weight's gradient when a bf16 weight's gradient comes from more than a few chunks. The price is one more
+output-layer matmul (the recompute).
+
+Two kernels, chosen as :mod:`~megatron_psft.kernels.logprobs` chooses (`kernel=`, ``$PSFT_LOGPROBS_KERNEL``;
+Triton for CUDA tensors under 'auto'): the Triton one (:mod:`~megatron_psft.kernels.fused_logprobs_triton`)
+computes the output layer tile by tile inside the kernels, so in forward no logits reach memory and in
+backward only their gradient does, one chunk at a time; the torch one multiplies a chunk of tokens by
+the weight with torch and runs the torch log-prob kernel on that chunk of logits. Either way the row
+statistics meet in the same TP combine (two all-reduces, in torch) and the same backward formula.
 
 Under tensor parallelism the hidden states reach the output layer replicated (or, with sequence
 parallelism, split along the sequence); Megatron's own mappings bring them to every TP rank, so their
@@ -36,29 +44,72 @@ from megatron_psft.kernels.logprobs import (
 )
 
 
+# Chunks of the weight gradient summed in the weight's own (bf16) dtype, one rounding each inside the
+# matmul's fp32 accumulation, rather than in a full fp32 copy of the weight (V/tp x h x 4 bytes). Up to 4
+# roundings stay within a few bf16 ulps of float64 (docs/kernels.md has the measured error); past that an
+# fp32 accumulator keeps the error from growing with the sequence length.
+LOW_PRECISION_ACCUMULATION_MAX_CHUNKS = 4
+
+
+def _fused_triton():
+    from megatron_psft.kernels import fused_logprobs_triton
+
+    return fused_logprobs_triton
+
+
+def _local_statistics(hidden, weight, slice_index, in_slice, valid_columns, with_entropy, chunk_tokens, kernel):
+    """This rank's fp32 ``(row_max, sum_exp, sum_px or None, target_logit)`` of ``hidden @ weight.T``: on
+    Triton, tile by tile on chip; on torch, a chunk of logits at a time."""
+    if kernel == "triton":
+        return _fused_triton().local_statistics(hidden, weight, torch.where(in_slice, slice_index, -1), valid_columns,
+                                                with_entropy)
+    tokens = hidden.shape[0]
+    inner_chunk_tokens = default_chunk_tokens(weight.shape[0])  # the torch kernel's fp32 buffers
+    statistics = torch.empty((4, tokens), dtype=torch.float32, device=hidden.device)
+    row_max, sum_exp, sum_px, target_logit = statistics
+    for start in range(0, tokens, chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        logits = hidden[chunk] @ weight.t()
+        chunk_max, chunk_sum_exp, chunk_sum_px = local_row_statistics(logits, valid_columns, with_entropy,
+                                                                      inner_chunk_tokens, "torch")
+        row_max[chunk], sum_exp[chunk] = chunk_max, chunk_sum_exp
+        if with_entropy:
+            sum_px[chunk] = chunk_sum_px
+        target_logit[chunk] = logits.gather(1, slice_index[chunk, None]).squeeze(1).float()
+    return row_max, sum_exp, sum_px if with_entropy else None, target_logit
+
+
+def _chunk_logits_grad(ctx, chunk, hidden, weight, slice_index, in_slice, log_normalizer, entropy, grad_logprobs,
+                       grad_entropy, workspace):
+    """The gradient of a chunk of tokens' logits (recomputed), in the weight's dtype."""
+    entropy_chunk = None if entropy is None else entropy[chunk]
+    grad_entropy_chunk = None if grad_entropy is None else grad_entropy[chunk]
+    if ctx.kernel == "triton":
+        return _fused_triton().logits_grad(
+            hidden[chunk], weight, ctx.valid_columns, torch.where(in_slice[chunk], slice_index[chunk], -1),
+            log_normalizer[chunk], entropy_chunk, grad_logprobs[chunk], grad_entropy_chunk, out=workspace)
+    return logits_grad(hidden[chunk] @ weight.t(), ctx.valid_columns, slice_index[chunk], in_slice[chunk],
+                       log_normalizer[chunk], entropy_chunk, grad_logprobs[chunk], grad_entropy_chunk,
+                       default_chunk_tokens(weight.shape[0]), "torch")
+
+
+def _weight_grad_dtype(weight, chunks: int) -> torch.dtype:
+    if chunks <= LOW_PRECISION_ACCUMULATION_MAX_CHUNKS:
+        return weight.dtype
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
 class _FusedOutputLogprobs(torch.autograd.Function):
     """`hidden [tokens, h]` (every token, on every TP rank) times this rank's `weight [V/tp, h]`."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, group, vocab_start, valid_columns, vocab_size, with_entropy,
                 chunk_tokens, kernel):
-        tokens = hidden.shape[0]
-        inner_chunk_tokens = default_chunk_tokens(weight.shape[0])  # the torch kernel's fp32 buffers
         slice_index, in_slice = label_columns(labels, vocab_start, valid_columns)
-        statistics = torch.empty((4, tokens), dtype=torch.float32, device=hidden.device)
-        row_max, sum_exp, sum_px, target_logit = statistics
-        for start in range(0, tokens, chunk_tokens):
-            chunk = slice(start, start + chunk_tokens)
-            logits = hidden[chunk] @ weight.t()
-            chunk_max, chunk_sum_exp, chunk_sum_px = local_row_statistics(logits, valid_columns, with_entropy,
-                                                                          inner_chunk_tokens, kernel)
-            row_max[chunk], sum_exp[chunk] = chunk_max, chunk_sum_exp
-            if with_entropy:
-                sum_px[chunk] = chunk_sum_px
-            target_logit[chunk] = logits.gather(1, slice_index[chunk, None]).squeeze(1).float()
+        row_max, sum_exp, sum_px, target_logit = _local_statistics(hidden, weight, slice_index, in_slice,
+                                                                   valid_columns, with_entropy, chunk_tokens, kernel)
         target_logit.masked_fill_(~in_slice, 0.0)
-        logprobs, log_normalizer, entropy = combine_row_statistics(
-            row_max, sum_exp, sum_px if with_entropy else None, target_logit, group)
+        logprobs, log_normalizer, entropy = combine_row_statistics(row_max, sum_exp, sum_px, target_logit, group)
         _check(labels, vocab_size, torch.stack([logprobs, entropy]) if with_entropy else logprobs)
 
         ctx.save_for_backward(hidden, weight, slice_index, in_slice, log_normalizer,
@@ -76,17 +127,17 @@ class _FusedOutputLogprobs(torch.autograd.Function):
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(log_normalizer)
         want_hidden, want_weight = ctx.needs_input_grad[:2]
+        tokens, chunk_tokens = hidden.shape[0], ctx.chunk_tokens
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        # bf16 weights: accumulate the chunks' contributions in fp32, round once at the end.
-        accumulate_dtype = torch.promote_types(weight.dtype, torch.float32)
+        accumulate_dtype = _weight_grad_dtype(weight, -(-tokens // chunk_tokens))
         grad_weight = torch.zeros(weight.shape, dtype=accumulate_dtype, device=weight.device) if want_weight else None
-        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
-            chunk = slice(start, start + ctx.chunk_tokens)
-            grad_logits = logits_grad(
-                hidden[chunk] @ weight.t(), ctx.valid_columns, slice_index[chunk], in_slice[chunk],
-                log_normalizer[chunk], None if entropy is None else entropy[chunk], grad_logprobs[chunk],
-                None if grad_entropy is None else grad_entropy[chunk], default_chunk_tokens(weight.shape[0]),
-                ctx.kernel)
+        # The Triton kernel writes every chunk's logits gradient into this one buffer.
+        workspace = (torch.empty((min(tokens, chunk_tokens), weight.shape[0]), dtype=weight.dtype,
+                                 device=weight.device) if ctx.kernel == "triton" else None)
+        for start in range(0, tokens, chunk_tokens):
+            chunk = slice(start, start + chunk_tokens)
+            grad_logits = _chunk_logits_grad(ctx, chunk, hidden, weight, slice_index, in_slice, log_normalizer,
+                                             entropy, grad_logprobs, grad_entropy, workspace)
             if want_hidden:
                 grad_hidden[chunk] = grad_logits @ weight
             if want_weight:

@@ -102,6 +102,14 @@ def local_row_statistics(logits, valid_columns: int, with_entropy: bool, chunk_t
     return row_max, sum_exp, sum_px
 
 
+def rescaled_statistics(row_max, new_max, sum_exp, sum_px):
+    """`sum_exp` and `sum_px` (or None) relative to `new_max` (>= `row_max`, finite) instead of `row_max`:
+    sum e^(x-M) = e^(m-M) sum e^(x-m);  sum e^(x-M)(x-M) = e^(m-M) (sum e^(x-m)(x-m) + (m-M) sum e^(x-m))."""
+    offset = row_max - new_max
+    rescale = offset.exp()
+    return rescale * sum_exp, None if sum_px is None else rescale * (sum_px + offset * sum_exp)
+
+
 def combine_row_statistics(row_max, sum_exp, sum_px, target_logit, group):
     """The TP combination of :func:`local_row_statistics`: all-reduce the max, move each rank's sums to
     it, all-reduce their sum (`target_logit` is 0 on ranks without the label). Returns fp32
@@ -111,11 +119,8 @@ def combine_row_statistics(row_max, sum_exp, sum_px, target_logit, group):
     if group is not None:
         global_max = row_max.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-        # sum e^(x-M) = e^(m-M) sum e^(x-m);  sum e^(x-M)(x-M) = e^(m-M) (sum e^(x-m)(x-m) + (m-M) sum e^(x-m))
-        offset = row_max - global_max
-        rescale = offset.exp()
-        stats = torch.stack([rescale * sum_exp, target_logit]
-                            + ([rescale * (sum_px + offset * sum_exp)] if with_entropy else []))
+        sum_exp, sum_px = rescaled_statistics(row_max, global_max, sum_exp, sum_px)
+        stats = torch.stack([sum_exp, target_logit] + ([sum_px] if with_entropy else []))
         dist.all_reduce(stats, group=group)
         sum_exp, target_logit = stats[0], stats[1]
         sum_px = stats[2] if with_entropy else None

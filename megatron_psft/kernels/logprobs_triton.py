@@ -53,6 +53,20 @@ def _row_statistics_kernel(logits_ptr, row_stride, valid_columns, row_max_ptr, s
 
 
 @triton.jit
+def logits_grad_formula(x, is_label, log_normalizer, grad_logprob, entropy, grad_entropy, ENTROPY_GRAD: tl.constexpr):
+    """``d(g_logp logp + g_H H) / dx`` elementwise from fp32 logits `x` (-inf where padded): ``-p (g_logp +
+    g_H (log p + H))``, plus ``g_logp`` where `is_label`. Shared with the fused output-layer kernel."""
+    log_p = x - log_normalizer
+    p = tl.exp(log_p)
+    if ENTROPY_GRAD:
+        # p = 0 (padding, -inf logits) contributes 0, not 0 * -inf
+        grad = -p * (grad_logprob + grad_entropy * (tl.where(p > 0, log_p, 0.0) + entropy))
+    else:
+        grad = -p * grad_logprob
+    return tl.where(is_label, grad + grad_logprob, grad)
+
+
+@triton.jit
 def _logits_grad_kernel(logits_ptr, grad_ptr, row_stride, grad_row_stride, columns, valid_columns, label_ptr,
                         log_normalizer_ptr, entropy_ptr, grad_logprobs_ptr, grad_entropy_ptr,
                         ENTROPY_GRAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -63,21 +77,14 @@ def _logits_grad_kernel(logits_ptr, grad_ptr, row_stride, grad_row_stride, colum
     log_normalizer = tl.load(log_normalizer_ptr + row)
     grad_logprob = tl.load(grad_logprobs_ptr + row)
     label = tl.load(label_ptr + row)  # this rank's column of the label, or -1 outside its slice
-    if ENTROPY_GRAD:
-        entropy = tl.load(entropy_ptr + row)
-        grad_entropy = tl.load(grad_entropy_ptr + row)
+    entropy = tl.load(entropy_ptr + row) if ENTROPY_GRAD else 0.0
+    grad_entropy = tl.load(grad_entropy_ptr + row) if ENTROPY_GRAD else 0.0
     for start in range(0, columns, BLOCK):
         column = start + offsets
         valid = column < valid_columns
         x = tl.load(row_ptr + column, mask=valid, other=-float("inf")).to(tl.float32)
-        log_p = x - log_normalizer
-        p = tl.exp(log_p)
-        if ENTROPY_GRAD:
-            # p = 0 (padding, -inf logits) contributes 0, not 0 * -inf
-            grad = -p * (grad_logprob + grad_entropy * (tl.where(p > 0, log_p, 0.0) + entropy))
-        else:
-            grad = -p * grad_logprob
-        grad = tl.where(column == label, grad + grad_logprob, grad)
+        grad = logits_grad_formula(x, column == label, log_normalizer, grad_logprob, entropy, grad_entropy,
+                                   ENTROPY_GRAD)
         tl.store(grad_row_ptr + column, grad.to(grad_ptr.dtype.element_ty), mask=column < columns)
 
 
