@@ -90,9 +90,10 @@ def _precision_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--moe-routing-flip-stats", action="store_true",
                        help="record the old-policy pass's routing and report the fraction of top-k choices "
                             "that differ in the training pass (routing_flip_fraction)")
-    group.add_argument("--fused-logprobs", action="store_true",
-                       help="compute log-probs from the final hidden states in chunks of tokens, never materialising "
-                            "the [tokens, vocab] logits (one more output-layer matmul in the backward)")
+    group.add_argument("--fused-logprobs", choices=("off", "on", "auto"), nargs="?", const="on", default="off",
+                       help="on (or the bare flag): log-probs from the final hidden states, the [tokens, vocab] logits "
+                            "never held (one more output-layer matmul in the backward); auto: on where one "
+                            "micro-batch's logits would pass 4 GiB (docs/kernels.md); default off")
     group.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
     group.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     group.add_argument("--recompute-num-layers", type=int, default=None)
