@@ -4,8 +4,9 @@
 #   bash examples/run_psft_moe.sh [extra megatron_psft.train flags...]
 #
 # On a GPU cluster, set PRETRAINED (a checkpoint from checkpoint_convert.hf_to_megatron), DATA_PREFIX
-# (from tools/preprocess_data.py) and SAVE_DIR; the defaults are for Qwen3-30B-A3B on H100 nodes
-# (docs/run_script.md lists every variable). Launch it on every node, or once per node under SLURM.
+# (from tools/preprocess_data.py; a blend is "W1 PREFIX1 W2 PREFIX2 ...") and SAVE_DIR; the defaults
+# are for Qwen3-30B-A3B on H100 nodes (docs/run_script.md lists every variable).
+# Launch it on every node, or once per node under SLURM.
 #
 # With nothing set on a machine without a GPU it runs the embedded default: a tiny Qwen3-MoE-shaped
 # model on the bundled chat data and tokenizer, 4 CPU processes over gloo (TP2 x EP2 with sequence
@@ -128,7 +129,10 @@ ARGS=(
 )
 [ -n "${EXIT_DURATION_IN_MINS:-}" ] && ARGS+=(--exit-duration-in-mins "$EXIT_DURATION_IN_MINS")
 [ -n "${WANDB_PROJECT:-}" ] && ARGS+=(--wandb-project "$WANDB_PROJECT" --wandb-exp-name "${WANDB_EXP_NAME:-$(basename "${SAVE_DIR:-psft}")}")
-[ -n "${DATA_PREFIX:-}" ] && ARGS+=(--data-prefix "$DATA_PREFIX")
+if [ -n "${DATA_PREFIX:-}" ]; then  # "PREFIX", or a blend "W1 PREFIX1 W2 PREFIX2 ..."
+  read -r -a DATA_ITEMS <<< "$DATA_PREFIX"
+  ARGS+=(--data-prefix "${DATA_ITEMS[@]}")
+fi
 if [ -n "$EVAL_DATA" ]; then  # "NAME=PREFIX NAME=PREFIX"
   read -r -a EVAL_SETS <<< "$EVAL_DATA"
   ARGS+=(--eval-data-prefix "${EVAL_SETS[@]}" --eval-interval "$EVAL_INTERVAL")

@@ -35,7 +35,9 @@ from megatron.training.argument_utils import (core_transformer_config_from_args,
                                               pretrain_cfg_container_from_args)
 from megatron.training.arguments import parse_and_validate_args  # noqa: E402
 
-from megatron_psft.data import SFTDataset, collate, global_batch_indices  # noqa: E402
+from megatron_psft.config.data import parse_data_prefix  # noqa: E402
+from megatron_psft.data import SFTDataset, collate  # noqa: E402
+from megatron_psft.data.blend import BlendedDataset  # noqa: E402
 from megatron_psft.megatron_lm import add_psft_arguments, check_layout, forward_step_from_args  # noqa: E402
 from megatron_psft.models.qwen3_moe.model import layer_spec  # noqa: E402
 
@@ -56,13 +58,13 @@ def model_provider(pre_process=True, post_process=True, vp_stage=None, config=No
 class TrainerOrderDataset(torch.utils.data.Dataset):
     """Preprocessed SFT data in the order megatron-psft's trainer trains it, one padded sample per row.
 
-    Global batch `n` is the trainer's (seeded epochs, :func:`global_batch_indices`), each data-parallel
+    Global batch `n` is the trainer's (:meth:`BlendedDataset.batch_indices`), each data-parallel
     rank holding a contiguous share. Megatron-LM's sampler gives rank `r`'s micro-batch `m` of step `n`
     the positions ``n*G + m*b*D + r*b + j`` (G global batch, b micro-batch, D data-parallel ranks): each
     such position holds the sample the trainer puts in that place, so the two trainers see the same rows.
     """
 
-    def __init__(self, samples: SFTDataset, num_steps: int, global_batch_size: int, micro_batch_size: int,
+    def __init__(self, samples: BlendedDataset, num_steps: int, global_batch_size: int, micro_batch_size: int,
                  data_parallel_size: int, seq_length: int, seed: int):
         self.samples, self.num_steps, self.seq_length, self.seed = samples, num_steps, seq_length, seed
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
@@ -77,7 +79,7 @@ class TrainerOrderDataset(torch.utils.data.Dataset):
         rank, row = divmod(within, self.micro_batch_size)
         share = self.global_batch_size // self.data_parallel_size
         trainer_offset = rank * share + micro_batch * self.micro_batch_size + row
-        return global_batch_indices(len(self.samples), self.global_batch_size, step, self.seed)[trainer_offset]
+        return self.samples.batch_indices(step, self.global_batch_size, self.seed)[trainer_offset]
 
     def __getitem__(self, position: int) -> dict:
         rows = collate([self.samples[self.sample_of(position)]], self.seq_length, self.samples.meta["pad_id"])
@@ -85,12 +87,15 @@ class TrainerOrderDataset(torch.utils.data.Dataset):
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage=None):
-    """The training set from ``--data-path PREFIX`` (one preprocessed prefix); no validation or test split."""
+    """The training set from ``--data-path PREFIX`` or a weighted blend ``--data-path W1 P1 W2 P2 ...`` of data
+    preprocessed by megatron-psft-preprocess, drawn as megatron-psft's trainer draws it; no validation or test split."""
     args = get_args()
-    if not args.data_path or len(args.data_path) != 1:
-        raise ValueError("--data-path takes one prefix of data preprocessed by megatron-psft-preprocess")
-    print_rank_0(f"> PSFT data from {args.data_path[0]}")
-    train = TrainerOrderDataset(SFTDataset(args.data_path[0], vocab_size=args.vocab_size), args.train_iters,
+    if not args.data_path:
+        raise ValueError("--data-path takes prefixes of data preprocessed by megatron-psft-preprocess")
+    prefixes, weights = parse_data_prefix(args.data_path)
+    print_rank_0(f"> PSFT data from {' '.join(args.data_path)}")
+    sources = [SFTDataset(prefix, vocab_size=args.vocab_size) for prefix in prefixes]
+    train = TrainerOrderDataset(BlendedDataset(prefixes, sources, weights), args.train_iters,
                                 args.global_batch_size, args.micro_batch_size,
                                 parallel_state.get_data_parallel_world_size(), args.seq_length, args.seed)
     return train, None, None
