@@ -104,13 +104,18 @@ class BlendedDataset:
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def __getitem__(self, index) -> tuple:
+    def source_of(self, index: int) -> Tuple[int, int]:
+        """(source, the sample's index within it) of global sample `index`."""
         source = int(np.searchsorted(self.offsets, int(index), side="right")) - 1
-        return self.datasets[source][int(index) - int(self.offsets[source])]
+        return source, int(index) - int(self.offsets[source])
+
+    def __getitem__(self, index) -> tuple:
+        source, sample = self.source_of(index)
+        return self.datasets[source][sample]
 
     def sample_length(self, index: int) -> int:
-        source = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        return self.datasets[source].sample_length(index - int(self.offsets[source]))
+        source, sample = self.source_of(index)
+        return self.datasets[source].sample_length(sample)
 
     def batch_indices(self, step: int, global_batch_size: int, seed: int) -> List[int]:
         """The global sample indices of optimizer step `step` (0-based)."""
@@ -130,9 +135,9 @@ class BlendedDataset:
             return {}
         counts = {f"data/{name}/{what}": 0 for name in self.names for what in ("samples", "tokens")}
         for index in self.batch_indices(step, global_batch_size, seed):
-            source = int(np.searchsorted(self.offsets, index, side="right")) - 1
-            counts[f"data/{self.names[source]}/samples"] += 1
-            counts[f"data/{self.names[source]}/tokens"] += self.sample_length(index)
+            name = self.names[self.source_of(index)[0]]
+            counts[f"data/{name}/samples"] += 1
+            counts[f"data/{name}/tokens"] += self.sample_length(index)
         return counts
 
 
