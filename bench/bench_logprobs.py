@@ -11,8 +11,11 @@ is reported in units of one fp32 logits shard (tokens x vocab x 4 bytes), and ti
 CUDA: one process; time is the median of CUDA-event timings after a warm-up, extra memory the peak
 allocation of one forward + backward above what was allocated before it (the inputs). Each method is
 set against the bandwidth bound: read the logits once in forward, read them and write their gradient
-once in backward, at 3.0 TB/s. Then the fused output layer + log-probs (hidden 2048) against the
-unfused one (the logits materialised), and their peak memory at 4k, 16k and 32k tokens.
+once in backward, at 3.0 TB/s. Then the output layer + log-probs (hidden 2048) side by side: unfused (the
+logits materialised), fused on torch, fused on Triton, Megatron's cross entropy on the logits, and the
+peers where they import (Liger-Kernel's fused linear cross entropy, verl's linear_cross_entropy), against
+the matmul bound, with a line of time and peak-memory ratios to unfused; then unfused and both fused
+paths at 4k, 16k and 32k tokens.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import time
 METHODS = ("psft_logprobs", "psft_logprobs_entropy", "psft_logprobs_unchunked", "naive_log_softmax",
            "megatron_cross_entropy", "output_layer_unfused", "output_layer_fused")
 BANDWIDTH_BYTES_PER_S = 3.0e12  # H100 SXM HBM3, what the bound assumes
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16 tensor cores, the output layer's matmul bound
 
 
 def _peak_rss_bytes() -> int:
@@ -125,7 +129,6 @@ def _cuda_bench(args):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     from megatron_psft import vocab_parallel_logprobs
     from megatron_psft.platform import parallel
-    from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs
     from megatron_psft.platform.precision import parse_dtype
 
     parallel.initialize(parallel.ParallelLayout())  # Megatron's cross entropy reads its TP group
@@ -176,34 +179,86 @@ def _cuda_bench(args):
         print(f"{name:<40}{ms:>9.3f}{ms / bound_ms:>9.2f}{extra / 2**30:>11.2f}", flush=True)
     del logits
 
-    hidden_size = args.hidden
+    _cuda_output_layer(args, dtype, device, generator)
 
-    def output_layer(tokens, fused):
-        hidden = torch.randn(1, tokens, hidden_size, dtype=dtype, device=device, generator=generator)
-        weight = (torch.randn(vocab, hidden_size, dtype=dtype, device=device, generator=generator) / 50)
-        hidden.requires_grad_(), weight.requires_grad_()
-        token_labels = torch.randint(0, vocab, (1, tokens), device=device, generator=generator)
+
+def _peer_output_layers():
+    """Peers that fuse the output layer with the loss, by name, where they import: each takes
+    (hidden [T, h], weight [V, h], labels [T]) and returns a scalar to differentiate."""
+    peers = {}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")  # cross entropy only, no entropy
+        peers["liger fused linear cross entropy"] = lambda hidden, weight, labels: liger(weight, hidden, labels)
+    except ImportError:
+        print("(Liger-Kernel not installed: pip install liger-kernel)")
+    try:
+        from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+        def verl(hidden, weight, labels):
+            logp, entropy = linear_cross_entropy(hidden, weight, labels)
+            return logp.sum() + entropy.sum()
+        peers["verl linear_cross_entropy + entropy"] = verl
+    except ImportError:
+        print("(verl not installed: its linear_cross_entropy is left out)")
+    return peers
+
+
+def _cuda_output_layer(args, dtype, device, generator):
+    """The output layer + log-probs + entropy: unfused, fused on torch, fused on Triton, and the peers."""
+    import torch
+
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron_psft import vocab_parallel_logprobs
+    from megatron_psft.kernels.fused_logprobs import fused_vocab_parallel_logprobs
+
+    vocab, hidden_size = args.vocab, args.hidden
+    ours = {
+        "unfused (logits materialised)": lambda h, w, y: sum(
+            t.sum() for t in vocab_parallel_logprobs(h @ w.t(), y, with_entropy=True)),
+        "fused, torch": lambda h, w, y: sum(t.sum() for t in fused_vocab_parallel_logprobs(
+            h[None], w, y[None], vocab, with_entropy=True, kernel="torch")),
+        "fused, triton": lambda h, w, y: sum(t.sum() for t in fused_vocab_parallel_logprobs(
+            h[None], w, y[None], vocab, with_entropy=True, kernel="triton")),
+        "megatron cross entropy on the logits": lambda h, w, y: vocab_parallel_cross_entropy(
+            (h @ w.t())[:, None], y[:, None]).sum(),
+    }
+    methods = {**ours, **_peer_output_layers()}
+
+    def timed(name, tokens, repeats):
+        hidden = torch.randn(tokens, hidden_size, dtype=dtype, device=device, generator=generator).requires_grad_()
+        weight = (torch.randn(vocab, hidden_size, dtype=dtype, device=device, generator=generator) / 50).requires_grad_()
+        labels = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
 
         def run():
-            if fused:
-                logp, entropy = fused_vocab_parallel_logprobs(hidden, weight, token_labels, vocab, with_entropy=True)
-            else:
-                logp, entropy = vocab_parallel_logprobs(hidden @ weight.t(), token_labels, with_entropy=True)
-            (logp.sum() + entropy.sum()).backward()
+            methods[name](hidden, weight, labels).backward()
             hidden.grad = weight.grad = None
-        return run
+        return _cuda_timing(run, repeats)
 
-    print(f"\noutput layer (hidden {hidden_size}, {args.dtype}) + log-probs + entropy, {tokens} tokens:")
-    for fused in (False, True):
-        ms, extra = _cuda_timing(output_layer(tokens, fused), args.repeats)
-        print(f"{'fused' if fused else 'unfused (logits materialised)':<40}{ms:>9.3f} ms{extra / 2**30:>11.2f} GiB extra",
-              flush=True)
-    print("\npeak extra memory vs tokens, output layer + log-probs + entropy (GiB):")
-    print(f"{'tokens':>8}{'unfused':>10}{'fused':>10}")
-    for sweep_tokens in args.sweep_tokens:
-        extras = [_cuda_timing(output_layer(sweep_tokens, fused), 0)[1] / 2**30 for fused in (False, True)]
-        print(f"{sweep_tokens:>8}{extras[0]:>10.2f}{extras[1]:>10.2f}", flush=True)
-        torch.cuda.empty_cache()
+    # The matmul bound: forward, and the two backward matmuls, at the H100's dense bf16 peak.
+    bound_ms = 3 * 2 * args.tokens * hidden_size * vocab / PEAK_FLOPS * 1e3
+    print(f"\noutput layer (hidden {hidden_size}, {args.dtype}) + log-probs (+ entropy where the method has it), "
+          f"{args.tokens} tokens; matmul bound (3 output-layer matmuls at {PEAK_FLOPS / 1e12:.0f} TFLOP/s): "
+          f"{bound_ms:.3f} ms")
+    print(f"{'method':<40}{'ms':>9}{'/ bound':>9}{'extra GiB':>11}")
+    measured = {}
+    for name in methods:
+        ms, extra = measured[name] = timed(name, args.tokens, args.repeats)
+        print(f"{name:<40}{ms:>9.3f}{ms / bound_ms:>9.2f}{extra / 2**30:>11.2f}", flush=True)
+    base_ms, base_extra = measured["unfused (logits materialised)"]
+    print("ratios to unfused: " + ", ".join(f"{name}: time {ms / base_ms:.2f}x, peak {extra / base_extra:.2f}x"
+                                             for name, (ms, extra) in measured.items()))
+    print("\npeak extra memory vs tokens (GiB) and time (ms), output layer + log-probs + entropy:")
+    sweep = ("unfused (logits materialised)", "fused, torch", "fused, triton")
+    print(f"{'tokens':>8}" + "".join(f"{name[:20]:>24}" for name in sweep))
+    for tokens in args.sweep_tokens:
+        cells = []
+        for name in sweep:
+            ms, extra = timed(name, tokens, 3)
+            cells.append(f"{extra / 2**30:>10.2f} GiB {ms:>7.1f} ms")
+            torch.cuda.empty_cache()
+        print(f"{tokens:>8}" + "".join(f"{cell:>24}" for cell in cells), flush=True)
 
 
 def main():

@@ -1,6 +1,8 @@
 """PSFT's optimizer-step time over SFT's, same model and data, measured side by side in one run.
 
     python bench/bench_psft_step.py [--interval 8] [--rounds 2] [extra megatron_psft.train flags]
+    python bench/bench_psft_step.py --widths 30b-a3b --seq-length 4096 --global-batch-size 8 --micro-batch-size 1
+        # one GPU: Qwen3-30B-A3B's widths (hidden 2048, 128 experts top-8, vocab 151936) with --layers 2
 
 PSFT pays one forward-only pass over each round's data. With the first step of a round reusing the
 training forward's log-probs, the floor is about 1 + (K-1)/K * 1/3 = 1.29x at K = 8 (forward = 1/3
@@ -20,6 +22,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Wider than the test model so matmuls, not Python, dominate a CPU step.
 WIDE_CONFIG = {"hidden_size": 256, "head_dim": 64, "moe_intermediate_size": 256, "intermediate_size": 512}
+
+
+def model_config(widths: str, layers: int) -> dict:
+    """The HF config the bench trains: the debug model made wider ('wide'), or Qwen3-30B-A3B's ('30b-a3b'),
+    with `layers` layers."""
+    from megatron_psft.models.qwen3_moe import load_hf_config
+
+    base = {**load_hf_config("debug"), **WIDE_CONFIG} if widths == "wide" else load_hf_config(widths)
+    return {**base, "num_hidden_layers": layers}
 
 
 def variants(micro_batch_size: int) -> dict:
@@ -53,6 +64,9 @@ def main():
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--widths", choices=("wide", "30b-a3b"), default="wide",
+                        help="wide: the debug model at hidden 256 (CPU); 30b-a3b: Qwen3-30B-A3B's widths (a GPU)")
+    parser.add_argument("--layers", type=int, default=2)
     args, train_flags = parser.parse_known_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_psft_") as work:
@@ -66,10 +80,9 @@ def _bench(args, train_flags, work):
                     "--input", os.path.join(ROOT, "megatron_psft", "assets", "chat_data.jsonl"),
                     "--output-prefix", data_prefix, "--tokenizer", os.path.join(ROOT, "megatron_psft", "assets", "tokenizer"),
                     "--seq-length", str(args.seq_length)], check=True, capture_output=True)
-    from megatron_psft.models.qwen3_moe import load_hf_config
-
+    hf_config = model_config(args.widths, args.layers)
     with open(config_path, "w") as f:
-        json.dump({**load_hf_config("debug"), **WIDE_CONFIG}, f)
+        json.dump(hf_config, f)
 
     base = ["--data-prefix", data_prefix, "--hf-config", config_path, "--seq-length", str(args.seq_length),
             "--global-batch-size", str(args.global_batch_size), "--micro-batch-size", str(args.micro_batch_size),
@@ -83,7 +96,8 @@ def _bench(args, train_flags, work):
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"{device}: K = {args.interval}, {args.rounds} timed rounds of {args.interval} steps, global batch "
-          f"{args.global_batch_size} x seq {args.seq_length}, hidden {WIDE_CONFIG['hidden_size']}")
+          f"{args.global_batch_size} x seq {args.seq_length}, {args.widths} widths (hidden {hf_config['hidden_size']}, "
+          f"{hf_config['num_experts']} experts, vocab {hf_config['vocab_size']}), {args.layers} layers")
     print(f"{'variant':<24}{'mean step s':>13}{'/ sft':>8}")
     for name, times in results.items():
         print(f"{name:<24}{statistics.mean(times):>13.3f}{statistics.mean(times) / sft:>8.3f}")
