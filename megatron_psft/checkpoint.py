@@ -17,9 +17,12 @@ so a run resumes with its Adam state at another world size or layout (checkpoint
 round's log-probs) is laid out by ranks: at another layout it is rebuilt (:func:`resume`).
 A checkpoint is written to ``iter_*.incomplete``, synced to disk, and renamed into place once every
 rank has finished; the ``latest`` marker is replaced atomically last. A process killed at any point
-leaves the previous checkpoint the latest, and the next save removes the leftovers.
+leaves the previous checkpoint the latest, and the next save removes the leftovers. Under --async-save
+(:class:`BackgroundSaves`) the shards are written by a process forked from each rank while training goes
+on, and the rename and ``latest`` wait until every rank's write is done; the writers die with their rank.
 """
 
+import functools
 import glob
 import json
 import os
@@ -83,8 +86,10 @@ def _load_model_state(model_chunks, state, prefix: str = "") -> None:
 
 
 # Called with the name of each point a save passes ("staging_created", "model_saved", "rank_state_saved",
-# "before_rename", "renamed", "latest_written"; the last four on rank 0 only). Empty in training; the
-# crash-consistency test installs one that kills the process at a chosen point, as a node failure would.
+# "before_rename", "renamed", "latest_written"; the last three on rank 0 only; under --async-save also
+# "background_write_started" and "background_write_done" in each rank's writer process, and
+# "finalize_started" when every rank's write is done). Empty in training; the crash-consistency test
+# installs one that kills a rank at a chosen point, as a node failure would.
 SAVE_POINT_HOOKS: List[Callable[[str], None]] = []
 
 
@@ -117,12 +122,16 @@ def _sync_written_files(staging: str, rank_file: Optional[str]) -> None:
 _WRITER_QUEUE_MANAGER = None  # kept alive for the process's lifetime, as megatron-core keeps its own
 
 
-def _kill_with_parent() -> None:
-    """Runs first in the writer queue's Manager process: the kernel kills it when its parent dies."""
+def _die_with_parent(parent: int) -> None:
+    """Runs first in a checkpoint-writing child process: the kernel kills it when `parent` dies (a rank
+    killed by SIGKILL runs no cleanup of its own). A parent that died before the signal was armed is
+    checked for, as the kernel does not send it then."""
     import ctypes
     import signal
 
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def writer_queue_dies_with_this_process() -> None:
@@ -140,27 +149,93 @@ def writer_queue_dies_with_this_process() -> None:
     from torch import multiprocessing
 
     _WRITER_QUEUE_MANAGER = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    _WRITER_QUEUE_MANAGER.start(_kill_with_parent)
+    _WRITER_QUEUE_MANAGER.start(_die_with_parent, (os.getpid(),))
     filesystem_async._results_queue = _WRITER_QUEUE_MANAGER.Queue()
 
 
-def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=None, scheduler=None,
-         trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None, frozen_chunks=None,
-         run_config: Optional[dict] = None) -> str:
-    """Save a complete checkpoint (collective: every rank calls it). `run_config` goes beside it as
-    ``run_config.json``: what produced it."""
+def _write_in_background(write: Callable, parent: int, *args, **kwargs) -> None:
+    """The body of the process megatron-core forks to write a rank's shards (--async-save): it and the
+    processes it forks in turn (0.16.1's writer forks one per file) die with their parent, so a killed
+    rank leaves none of them behind."""
+    _die_with_parent(parent)
+    os.register_at_fork(before=_note_forking_process, after_in_child=_die_with_forking_process)
+    _reached("background_write_started")
+    write(*args, **kwargs)
+    _reached("background_write_done")
+
+
+_FORKING_PROCESS = None  # in a background writer: the pid a child forked now has as its parent
+
+
+def _note_forking_process() -> None:
+    global _FORKING_PROCESS
+    _FORKING_PROCESS = os.getpid()
+
+
+def _die_with_forking_process() -> None:
+    _die_with_parent(_FORKING_PROCESS)
+
+
+class BackgroundSaves:
+    """The checkpoint writes in flight under --async-save, in megatron-core's ``AsyncCallsQueue``: each
+    rank's shards are written by a process forked at the save (it sees the state of that step while
+    training changes its own), and a save is published (metadata, rename, ``latest``) only once every
+    rank's write is done, by the :meth:`poll` or :meth:`wait` that finds it so (collectives: every rank
+    calls them at the same points)."""
+
+    def __init__(self):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self.queue = AsyncCallsQueue(persistent=False)  # a forked writer per save, as Megatron-LM's default
+
+    def schedule(self, request, publish: Callable[[], None]) -> None:
+        """Start writing `request` (from ``dist_checkpointing.save(..., async_sharded_save=True)``);
+        megatron-core's finalization (its metadata), then `publish`, run when it is done everywhere."""
+        request = request._replace(
+            async_fn=functools.partial(_write_in_background, request.async_fn, os.getpid()),
+            finalize_fns=[functools.partial(_reached, "finalize_started"), *request.finalize_fns, publish])
+        self.queue.schedule_async_request(request)
+
+    def in_flight(self) -> bool:
+        return self.queue.get_num_unfinalized_calls() > 0  # the same on every rank
+
+    def poll(self) -> None:
+        """Publish the saves whose writes are done on every rank; never waits for a write."""
+        self.queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Wait for the writes in flight and publish them."""
+        if self.in_flight():
+            parallel.print_rank_last("waiting for the checkpoint being written in the background")
+            self.queue.maybe_finalize_async_calls(blocking=True)
+
+
+def _async_save_arguments() -> dict:
+    """``dist_checkpointing.save``'s asynchronous form. From 0.19 its default implementation is NVRx's
+    (nvidia-resiliency-ext, not a dependency); megatron-core's own is asked for by name."""
+    import inspect
+
     from megatron.core import dist_checkpointing
 
-    writer_queue_dies_with_this_process()
-    final = iteration_dir(root, iteration)
+    arguments = {"async_sharded_save": True}
+    if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+        arguments["async_strategy"] = "mcore"
+    return arguments
+
+
+def _create_staging(root: str, final: str) -> str:
+    """An empty ``iter_*.incomplete`` beside where the checkpoint goes, a killed save's leftovers removed."""
     staging = final + ".incomplete"
     if dist.get_rank() == 0:
-        for stale in glob.glob(os.path.join(root, "iter_*.incomplete")):  # left by a killed save
+        for stale in glob.glob(os.path.join(root, "iter_*.incomplete")):
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
     _reached("staging_created")
+    return staging
 
+
+def _sharded_state(model_chunks, optimizer, scheduler, trainer_state, frozen_chunks) -> dict:
     model_state = model_sharded_state_dict(model_chunks)
     state = {"model": model_state}
     if optimizer is not None:
@@ -172,24 +247,31 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
         state["trainer_state"] = trainer_state
     if frozen_chunks:
         state["frozen_policy"] = model_sharded_state_dict(frozen_chunks, FROZEN_PREFIX)
-    dist_checkpointing.save(state, staging)  # wants an empty directory: the rest is written after it
-    _reached("model_saved")
+    return state
+
+
+def _write_side_files(staging: str, hf_config: dict, run_config: Optional[dict], rank_state: Optional[dict],
+                      rank_file: Optional[str]) -> None:
+    """What a checkpoint holds beside dist_checkpointing's files: the HF and run configs, each rank's state."""
     if dist.get_rank() == 0:
         with open(os.path.join(staging, HF_CONFIG_FILE), "w") as f:
             json.dump(hf_config, f, indent=2)
         if run_config is not None:
             write_run_config(staging, run_config)
-    rank_file = None
-    if rank_state is not None:
-        rank_file = os.path.join(staging, "rank_state", f"rank_{dist.get_rank():05d}.pt")
+    if rank_file is not None:
         os.makedirs(os.path.dirname(rank_file), exist_ok=True)
         torch.save(rank_state, rank_file)
     _reached("rank_state_saved")
+
+
+def _publish(root: str, iteration: int, staging: str, rank_file: Optional[str]) -> None:
+    """Collective, once every rank's files are written: synced to disk, renamed into place by rank 0, and
+    the ``latest`` marker replaced atomically last."""
     _sync_written_files(staging, rank_file)
     dist.barrier()
-
     if dist.get_rank() == 0:
         _reached("before_rename")
+        final = iteration_dir(root, iteration)
         shutil.rmtree(final, ignore_errors=True)  # a save of this step that never became the latest
         os.replace(staging, final)
         _fsync(root)
@@ -203,6 +285,34 @@ def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=Non
         os.replace(latest_tmp, os.path.join(root, LATEST_FILE))
         _fsync(root)
     dist.barrier()
+
+
+def save(root: str, iteration: int, model_chunks, hf_config: dict, optimizer=None, scheduler=None,
+         trainer_state: Optional[dict] = None, rank_state: Optional[dict] = None, frozen_chunks=None,
+         run_config: Optional[dict] = None, background: Optional[BackgroundSaves] = None) -> str:
+    """Save a complete checkpoint (collective: every rank calls it); returns its directory. `run_config`
+    goes beside it as ``run_config.json``: what produced it. With `background` (--async-save) the shards
+    are written while training goes on, and the directory and ``latest`` appear when `background`
+    publishes the save; a save in flight is waited for first, so one is written at a time."""
+    from megatron.core import dist_checkpointing
+
+    writer_queue_dies_with_this_process()
+    if background is not None:
+        background.wait()
+    final = iteration_dir(root, iteration)
+    staging = _create_staging(root, final)
+    state = _sharded_state(model_chunks, optimizer, scheduler, trainer_state, frozen_chunks)
+    rank_file = None if rank_state is None else os.path.join(staging, "rank_state", f"rank_{dist.get_rank():05d}.pt")
+    publish = functools.partial(_publish, root, iteration, staging, rank_file)
+    # dist_checkpointing wants an empty directory: the side files are written after it.
+    if background is None:
+        dist_checkpointing.save(state, staging)
+    else:
+        background.schedule(dist_checkpointing.save(state, staging, **_async_save_arguments()), publish)
+    _reached("model_saved")  # written, or being written in the background
+    _write_side_files(staging, hf_config, run_config, rank_state, rank_file)
+    if background is None:
+        publish()
     return final
 
 

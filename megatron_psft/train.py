@@ -90,6 +90,7 @@ class Trainer:
         self.clipped_tokens = (ClippedTokensWriter(path_next_to(metrics_file), resumed_step)
                                if config.logging.log_clipped_tokens and self.logger.active and metrics_file else None)
         self.memory_reported = False
+        self.background_saves = checkpoint.BackgroundSaves() if config.checkpoint.async_save else None
 
     def micro_batches(self, step: int) -> List[dict]:
         """This data-parallel rank's share of global batch `step`, as micro-batches."""
@@ -148,10 +149,10 @@ class Trainer:
                 root, self.step, self.model, self.launch.hf_config, self.optimizer, self.scheduler,
                 trainer_state=checkpoint.trainer_state(self.config, self.step, dist.get_world_size(), self.optimizer),
                 rank_state=checkpoint.capture_rank_state(self.old_policy.state_dict()),
-                frozen_chunks=self.frozen, run_config=self.run_config)
+                frozen_chunks=self.frozen, run_config=self.run_config, background=self.background_saves)
         if dist.get_rank() == 0:
             write_run_config(root, self.run_config)
-        parallel.print_rank_last(f"saved checkpoint {path}")
+        parallel.print_rank_last(f"{'writing' if self.background_saves else 'saved'} checkpoint {path}")
         return path
 
     def run(self) -> None:
@@ -168,6 +169,8 @@ class Trainer:
             self.train_one_step()
             if profiler:
                 profiler.after_step(self.step)
+            if self.background_saves:  # publish a save written in the background once every rank has written it
+                self.background_saves.poll()
             # Before any save, so a run resumed from this step has its evaluation already, as an uninterrupted run.
             interval = self.config.evaluation.eval_interval
             if self.step == training.train_iters or (interval and self.step % interval == 0):
@@ -183,6 +186,8 @@ class Trainer:
                 break
         if settings.save and saved_step != self.step:
             self.save()
+        if self.background_saves:
+            self.background_saves.wait()
         self.logger.close()
         if self.clipped_tokens:
             self.clipped_tokens.close()
