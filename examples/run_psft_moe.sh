@@ -87,7 +87,7 @@ SAVE_DIR=${SAVE_DIR:-}
 EVAL_ITERS=${EVAL_ITERS:-}
 # Whole samples packed into each SEQ_LENGTH row: padding is computed like any token, experts included.
 PACK_SEQUENCES=${PACK_SEQUENCES:-1}
-OLD_POLICY_MICRO_BATCH_SIZE=${OLD_POLICY_MICRO_BATCH_SIZE:-}; FUSED_LOGPROBS=${FUSED_LOGPROBS:-0}
+OLD_POLICY_MICRO_BATCH_SIZE=${OLD_POLICY_MICRO_BATCH_SIZE:-}; FUSED_LOGPROBS=${FUSED_LOGPROBS:-auto}
 TENSORBOARD_DIR=${TENSORBOARD_DIR:-${SAVE_DIR:+$SAVE_DIR/tensorboard}}
 
 # --- launcher: torchrun, on one or many nodes, or under SLURM ------------------------------------
@@ -151,7 +151,8 @@ if [ "$MOE_GROUPED_GEMM" = 1 ]; then ARGS+=(--moe-grouped-gemm); else ARGS+=(--n
 [ "$MOE_ROUTER_REPLAY" = 1 ] && ARGS+=(--moe-router-replay)
 [ "$PACK_SEQUENCES" = 1 ] && ARGS+=(--pack-sequences)
 [ -n "$OLD_POLICY_MICRO_BATCH_SIZE" ] && ARGS+=(--old-policy-micro-batch-size "$OLD_POLICY_MICRO_BATCH_SIZE")
-[ "$FUSED_LOGPROBS" = 1 ] && ARGS+=(--fused-logprobs)
+case "$FUSED_LOGPROBS" in 1) FUSED_LOGPROBS=on ;; 0) FUSED_LOGPROBS=off ;; esac  # the older 1/0 spelling
+ARGS+=(--fused-logprobs "$FUSED_LOGPROBS")
 # shellcheck disable=SC2206
 [ -n "$RECOMPUTE_GRANULARITY" ] && ARGS+=(--recompute-granularity "$RECOMPUTE_GRANULARITY" --recompute-modules $RECOMPUTE_MODULES)
 

@@ -50,7 +50,7 @@ class Launch:
         data = self.config.data
         return memory_per_gpu(self.model_args, self.transformer_config, self.sizes, self.platform, data.seq_length,
                               data.micro_batch_size, data.global_batch_size,
-                              self.config.optimizer.use_distributed_optimizer)
+                              self.config.optimizer.use_distributed_optimizer, self.config.model.fused_logprobs)
 
 
 def resolve(config: TrainConfig, platform: Optional[platforms.Platform] = None, world_size: Optional[int] = None,

@@ -113,7 +113,8 @@ def _layer_activation_bytes(args: Qwen3MoeArgs, config, sizes: Sizes, tokens: in
 
 
 def memory_per_gpu(args: Qwen3MoeArgs, config, sizes: Sizes, platform: Platform, seq_length: int,
-                   micro_batch: int, global_batch: int, use_distributed_optimizer: bool) -> Dict[str, float]:
+                   micro_batch: int, global_batch: int, use_distributed_optimizer: bool,
+                   fused_logprobs: bool = False) -> Dict[str, float]:
     """Estimated peak memory of one training step on the most loaded rank, in GiB, by part."""
     params = parameters_per_gpu(args, sizes)
     total_params = params["dense"] + params["expert"]
@@ -140,6 +141,9 @@ def memory_per_gpu(args: Qwen3MoeArgs, config, sizes: Sizes, platform: Platform,
     logits = element * tokens * vocab_columns
     buffers = 2 * min(CHUNK_BUFFER_BYTES, 4 * tokens * vocab_columns)
     output_weight_grad = 0 if config.gradient_accumulation_fusion else element * vocab_columns * args.hidden_size
+    if fused_logprobs:  # one chunk of logits at a time, and at most an fp32 accumulator of the weight's gradient
+        logits = min(logits, CHUNK_BUFFER_BYTES)
+        output_weight_grad += 4 * vocab_columns * args.hidden_size
     logprob_working_set = 2 * logits + buffers + output_weight_grad
     attention_backward = 0 if flash else (element + 8) * args.num_attention_heads // sizes.tensor * seq_length**2 * micro_batch
     parts = {
@@ -180,7 +184,7 @@ def format_plan(launch) -> str:
         _batch_line(data, sizes),
         *_data_lines(data, config.training.train_iters),
         f"  precision    {model.params_dtype}, {fp8}, grouped GEMM {'on' if transformer_config.moe_grouped_gemm else 'off'}, "
-        f"recompute {_recompute(transformer_config)}",
+        f"recompute {_recompute(transformer_config)}, log-probs {'fused with the output layer' if model.fused_logprobs else 'from the logits'}",
         f"  objective    {config.objective.name}, old policy "
         + (f"every {interval} steps" if interval else "never refreshed"),
         f"  params/GPU   dense {_count(params['dense'])}, expert {_count(params['expert'])}",

@@ -144,6 +144,37 @@ def test_memory_estimate_responds_to_sharding_and_recompute():
     assert replicated["optimizer"] > 1.9 * without["optimizer"]  # 8-way dense / 2-way expert sharding gone
 
 
+def test_fused_logprobs_auto_is_settled_for_the_shapes_and_planned_without_the_logits(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    plans = {}
+    for seq in (4096, 32768):
+        for mode in ("off", "auto"):
+            launch = parse_launch(CLUSTER + ["--seq-length", str(seq), "--fused-logprobs", mode])
+            plans[seq, mode] = launch.config.model.fused_logprobs, launch.memory_estimate()
+    assert [fused for fused, _ in plans.values()] == [False, False, False, True]  # 32k x 151936/TP2 bf16: 4.6 GiB
+    transient = "transient (log-probs or attention backward)"
+    assert plans[4096, "off"][1] == plans[4096, "auto"][1]
+    # Unfused, the logits and their gradient (2 x 4.6 GiB); fused, one 256 MiB chunk of each and an fp32
+    # accumulator of the output weight's gradient (151936/2 x 2048 x 4 bytes: 0.58 GiB).
+    assert plans[32768, "off"][1][transient] > 9.3 > 2.1 > plans[32768, "auto"][1][transient]
+
+
+def test_the_megatron_lm_hook_settles_auto_by_the_same_rule():
+    import argparse
+
+    from megatron_psft.megatron_lm import add_psft_arguments, forward_step_from_args
+
+    parser = add_psft_arguments(argparse.ArgumentParser())
+    for flags, seq, tensor, fused in ((["--fused-logprobs", "auto"], 32768, 1, True),
+                                      (["--fused-logprobs", "auto"], 32768, 4, False),
+                                      (["--fused-logprobs", "auto"], 4096, 1, False),
+                                      (["--fused-logprobs"], 4096, 1, True), ([], 32768, 1, False)):
+        args = parser.parse_args(flags + ["--eps-low", "0.2"])
+        args.__dict__.update(vocab_size=151936, seq_length=seq, micro_batch_size=1, tensor_model_parallel_size=tensor,
+                             params_dtype=torch.bfloat16, moe_router_replay=False, moe_routing_flip_stats=False)
+        assert forward_step_from_args(args).settings.fused_logprobs is fused, (flags, seq, tensor)
+
+
 def _count_parameters(layouts):
     from megatron_psft.models.qwen3_moe import build_model_chunks
 
