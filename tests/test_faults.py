@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 
 import psutil
@@ -25,6 +26,10 @@ COMMON = ["--seq-length", str(SEQ), "--global-batch-size", "4", "--micro-batch-s
           "--lr-warmup-iters", "0", "--moe-aux-loss-coeff", "0", "--old-policy-interval", "2"]
 # Where a save can die: each rank's collective part, rank 0's publication steps.
 KILL_POINTS = {"staging_created": 1, "model_saved": 1, "rank_state_saved": 0, "renamed": 0, "latest_written": 0}
+# Under --async-save: a rank killed by its own writer as the write starts and once it is written, one killed
+# when every write is done but before the finalization (metadata) and rename, and one in the publication.
+ASYNC_KILL_POINTS = {"background_write_started": 1, "background_write_done": 0, "finalize_started": 1,
+                     "latest_written": 0}
 
 
 def _records(path):
@@ -38,34 +43,70 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _kill_group(session_leader):
+    try:
+        os.killpg(session_leader, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left in it
+        pass
+
+
 class _Run:
-    def __init__(self, returncode, output):
-        self.returncode, self.output = returncode, output
+    def __init__(self, returncode, output, survivors):
+        self.returncode, self.output, self.survivors = returncode, output, survivors
 
 
-def _torchrun(flags, log_path, env=None, wait=True, kill_at=None):
-    """2-rank training through torchrun in its own session, its output in `log_path`. Waits for it
-    and then ends whatever it left behind (a killed rank's peers, their children), or returns it
-    running with `wait=False`. `kill_at` = (save point, rank): that rank dies there (kill_during_save.py)."""
+# Each launch's processes inherit this variable with a value of their own: a process that outlived its
+# launch (an orphan, reparented away from it) is still found by it.
+LAUNCH_MARKER = "PSFT_TEST_LAUNCH"
+
+
+def _processes_carrying(marker_value):
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(LAUNCH_MARKER) == marker_value:
+                found.append(process)
+        except psutil.Error:  # gone, a zombie, or another user's
+            pass
+    return found
+
+
+class _Launch:
+    """2-rank training through torchrun in its own session (its own process group), its output in `log_path`.
+    `trainer`: the module or script each rank runs."""
+
+    def __init__(self, trainer, flags, log_path, env=None):
+        self.marker, self.log_path = uuid.uuid4().hex, log_path
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                   str(_free_port()), *trainer, *COMMON, *flags]
+        process_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", LAUNCH_MARKER: self.marker,
+                       **(env or {})}
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+
+    def finish(self, timeout=600):
+        """Wait for torchrun; then note the launch's processes still alive after a grace period (ranks' children
+        that outlived them: orphans), and kill the whole process group, whatever it holds."""
+        survivors = []
+        try:
+            self.process.wait(timeout=timeout)
+            _, alive = psutil.wait_procs(_processes_carrying(self.marker), timeout=15)
+            survivors = [f"{p.pid} ppid {p.ppid()}: {' '.join(p.cmdline())}" for p in alive if p.is_running()]
+        finally:
+            _kill_group(self.process.pid)
+            for orphan in _processes_carrying(self.marker):  # those that left the group too
+                orphan.kill()
+        with open(self.log_path) as f:
+            return _Run(self.process.returncode, f.read(), survivors)
+
+
+def _torchrun(flags, log_path, env=None, kill_at=None):
+    """Train to the end (or death) and clean up after it (:meth:`_Launch.finish`). `kill_at` = (save point,
+    rank): that rank dies there (kill_during_save.py)."""
     trainer = (["-m", "megatron_psft.train"] if kill_at is None else
                [os.path.join(ROOT, "tests", "kill_during_save.py"), kill_at[0], str(kill_at[1])])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), *trainer, *COMMON, *flags]
-    process_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    if not wait:
-        return process
-    try:
-        process.wait(timeout=600)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    with open(log_path) as f:
-        return _Run(process.returncode, f.read())
+    return _Launch(trainer, flags, log_path, env).finish()
 
 
 @pytest.fixture(scope="module")
@@ -73,59 +114,73 @@ def data_prefix(tmp_path_factory):
     return preprocess_bundled_data(str(tmp_path_factory.mktemp("data") / "chat"), SEQ)
 
 
-def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_and_resumes_exactly(tmp_path, data_prefix):
-    base = ["--data-prefix", data_prefix]
-    straight = _torchrun(base + ["--train-iters", "4", "--metrics-file", str(tmp_path / "straight.jsonl")],
-                         tmp_path / "straight.log")
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_prefix):
+    """The run every killed save must resume into (4 steps), and the previous checkpoint: its step 2."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    base = ["--data-prefix", data_prefix, "--train-iters", "4"]
+    straight = _torchrun(base + ["--metrics-file", str(tmp / "straight.jsonl")], tmp / "straight.log")
     assert straight.returncode == 0, straight.output[-4000:]
-    first = tmp_path / "first"  # the previous checkpoint: step 2
-    result = _torchrun(base + ["--train-iters", "4", "--exit-interval", "2", "--save", str(first)], tmp_path / "first.log")
-    assert result.returncode == 0, result.output[-4000:]
+    first = _torchrun(base + ["--exit-interval", "2", "--save", str(tmp / "first")], tmp / "first.log")
+    assert first.returncode == 0, first.output[-4000:]
+    return _records(tmp / "straight.jsonl"), tmp / "first"
 
-    for point, rank in KILL_POINTS.items():
+
+@pytest.mark.parametrize("mode, kill_points", [("sync", KILL_POINTS), ("async", ASYNC_KILL_POINTS)])
+def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_resumes_exactly_and_no_orphan(
+        tmp_path, data_prefix, uninterrupted, mode, kill_points):
+    """After the kill, no process of the launch is left: the ranks' checkpoint writers (and the writer's
+    results-queue Manager) die with them, without the launch's process group being killed."""
+    want, first = uninterrupted
+    flags = ["--data-prefix", data_prefix, "--train-iters", "4"] + (["--async-save"] if mode == "async" else [])
+    for point, rank in kill_points.items():
         root = tmp_path / point
         shutil.copytree(first, root)
-        killed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)],
-                           tmp_path / f"{point}_killed.log", kill_at=(point, rank))
+        killed = _torchrun(flags + ["--save", str(root), "--load", str(root)], tmp_path / f"{point}_killed.log",
+                           kill_at=(point, rank))
         assert killed.returncode != 0, (point, "the kill hook did not fire")
+        assert not killed.survivors, (point, "outlived their rank", killed.survivors)
         assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2", point
-        resumed = _torchrun(base + ["--train-iters", "4", "--save", str(root), "--load", str(root)],
-                            tmp_path / f"{point}_resumed.log")
+        resumed = _torchrun(flags + ["--save", str(root), "--load", str(root)], tmp_path / f"{point}_resumed.log")
         assert resumed.returncode == 0, (point, resumed.output[-4000:])
         assert "resumed from" in resumed.output and "iter_0000002" in resumed.output, point
         assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
         assert not list(root.glob("*.incomplete")), point  # the killed save's leftovers are gone
-        got, want = _records(root / "metrics.jsonl"), _records(tmp_path / "straight.jsonl")
+        got = _records(root / "metrics.jsonl")
         assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3, 4], point
         for g, w in zip(got, want):
             for key in ("loss", "grad_norm", "entropy", "ratio_mean"):
                 assert g[key] == pytest.approx(w[key], rel=0, abs=1e-6), (point, g["step"], key)
 
 
-def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_path, data_prefix):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_path, data_prefix, mode):
+    """Under --async-save a save every 2 steps is likely in flight when the signal comes: the final save
+    waits for it, and for itself, before the ranks exit."""
     root = tmp_path / "preempted"
-    run = _torchrun(["--data-prefix", data_prefix, "--train-iters", "200", "--save", str(root),
-                     "--exit-signal-handler"], tmp_path / "preempted.log", wait=False)
+    async_flags = ["--async-save", "--save-interval", "2"] if mode == "async" else []
+    launch = _Launch(["-m", "megatron_psft.train"], ["--data-prefix", data_prefix, "--train-iters", "200", "--save",
+                                                     str(root), "--exit-signal-handler", *async_flags],
+                     tmp_path / "preempted.log")
     metrics = root / "metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        assert run.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.2)
-    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if "megatron_psft.train" in " ".join(p.cmdline())]
-    rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
-    rank1.send_signal(signal.SIGTERM)  # as a preemption notice that reached one node first
     try:
-        run.wait(timeout=300)
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert launch.process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(launch.process.pid).children(recursive=True)
+                   if "megatron_psft.train" in " ".join(p.cmdline())]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGTERM)  # as a preemption notice that reached one node first
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-    output = (tmp_path / "preempted.log").read_text()
-    assert run.returncode == 0, output[-4000:]
+        run = launch.finish(timeout=300)
+    assert run.returncode == 0, run.output[-4000:]
     steps = [r["step"] for r in _records(metrics)]
     saved = int((root / "latest_checkpointed_iteration.txt").read_text())
-    assert 2 <= saved < 200 and steps == list(range(1, saved + 1)), (saved, steps)
-    assert "SIGTERM received" in output
+    assert 3 <= saved < 200 and steps == list(range(1, saved + 1)), (saved, steps)
+    assert "SIGTERM received" in run.output
     assert sorted(os.listdir(root / f"iter_{saved:07d}" / "rank_state")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert not list(root.glob("*.incomplete")) and not run.survivors
 
 
 def _resume_rules(tmp, data_prefix):
@@ -281,7 +336,7 @@ def test_the_checkpoint_writers_queue_process_dies_with_its_rank(tmp_path):
     script = ("from megatron_psft import checkpoint; checkpoint.writer_queue_dies_with_this_process(); "
               "print(checkpoint._WRITER_QUEUE_MANAGER._process.pid, flush=True); import time; time.sleep(600)")
     rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
     try:
         manager = psutil.Process(int(rank.stdout.readline()))
         children = psutil.Process(rank.pid).children(recursive=True)
@@ -291,5 +346,38 @@ def test_the_checkpoint_writers_queue_process_dies_with_its_rank(tmp_path):
         _, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, [p.cmdline() for p in alive]
     finally:
+        _kill_group(rank.pid)  # whatever is left in the rank's group
+        rank.stdout.close()
+
+
+WRITER_SCRIPT = """
+import functools, os, time
+from torch import multiprocessing
+from megatron_psft import checkpoint
+
+def write():  # as megatron-core 0.16.1's writer: a process forked per file, each writing for a long time
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+    child.start()
+    print(os.getpid(), child.pid, flush=True)
+    time.sleep(600)
+
+fork = multiprocessing.get_context("fork")  # as megatron-core's TemporalAsyncCaller starts the writer
+fork.Process(target=functools.partial(checkpoint._write_in_background, write, os.getpid())).start()
+time.sleep(600)
+"""
+
+
+def test_a_background_checkpoint_writer_and_the_processes_it_forks_die_with_their_rank():
+    """--async-save writes from a process forked from each rank, which (0.16.1) forks one per file: a rank
+    killed by SIGKILL mid-write must take them all with it."""
+    rank = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
+    try:
+        writers = [psutil.Process(int(pid)) for pid in rank.stdout.readline().split()]
         rank.kill()
+        rank.wait(timeout=30)
+        _, alive = psutil.wait_procs(writers, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        _kill_group(rank.pid)
         rank.stdout.close()
