@@ -191,8 +191,9 @@ class BackgroundSaves:
     def schedule(self, request, publish: Callable[[], None]) -> None:
         """Start writing `request` (from ``dist_checkpointing.save(..., async_sharded_save=True)``);
         megatron-core's finalization (its metadata), then `publish`, run when it is done everywhere."""
+        write = request.async_fn  # None where the rank has nothing to write
         request = request._replace(
-            async_fn=functools.partial(_write_in_background, request.async_fn, os.getpid()),
+            async_fn=None if write is None else functools.partial(_write_in_background, write, os.getpid()),
             finalize_fns=[functools.partial(_reached, "finalize_started"), *request.finalize_fns, publish])
         self.queue.schedule_async_request(request)
 

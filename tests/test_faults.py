@@ -28,7 +28,8 @@ COMMON = ["--seq-length", str(SEQ), "--global-batch-size", "4", "--micro-batch-s
 KILL_POINTS = {"staging_created": 1, "model_saved": 1, "rank_state_saved": 0, "renamed": 0, "latest_written": 0}
 # Under --async-save: a rank killed by its own writer as the write starts and once it is written, one killed
 # when every write is done but before the finalization (metadata) and rename, and one in the publication.
-ASYNC_KILL_POINTS = {"background_write_started": 1, "background_write_done": 0, "finalize_started": 1,
+# The writers are rank 0's: at this data-parallel layout rank 1 has no shard of its own to write (no writer).
+ASYNC_KILL_POINTS = {"background_write_started": 0, "background_write_done": 0, "finalize_started": 1,
                      "latest_written": 0}
 
 

@@ -1,7 +1,8 @@
 """When a run stops before --train-iters: --exit-signal-handler and --exit-duration-in-mins.
 
 Every rank must stop after the same step, so it saves a consistent checkpoint: a SIGTERM may reach
-only some ranks, and clocks differ, so the ranks agree by an all-reduce after each step.
+only some ranks, and clocks differ, so the ranks agree by an all-reduce after each step. The run then
+saves and, under --async-save, waits for the checkpoint writes in flight before it exits (train.py).
 """
 
 import signal
