@@ -4,6 +4,7 @@
 The kills and the signal need real processes (torchrun, 2 ranks); the resume rules run in one
 2-rank launch of ordinary processes."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,16 @@ KILL_POINTS = {"staging_created": 1, "model_saved": 1, "rank_state_saved": 0, "r
 # The writers are rank 0's: at this data-parallel layout rank 1 has no shard of its own to write (no writer).
 ASYNC_KILL_POINTS = {"background_write_started": 0, "background_write_done": 0, "finalize_started": 1,
                      "latest_written": 0}
+# The kills leave two kinds of leftovers: a partial iter_4.incomplete, or a complete iter_4 that latest does
+# not name. After one kill of each kind per mode the rerun resumes and must train as the uninterrupted run;
+# after every kill the previous checkpoint must be byte for byte what it was, and still the latest.
+RESUMED_AFTER = {"model_saved", "latest_written", "finalize_started"}
+
+
+def _contents(directory):
+    """Every file under `directory` by relative path, with its bytes' sha256."""
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
 
 
 def _records(path):
@@ -142,6 +153,9 @@ def test_a_save_killed_at_any_point_leaves_the_previous_checkpoint_resumes_exact
         assert killed.returncode != 0, (point, "the kill hook did not fire")
         assert not killed.survivors, (point, "outlived their rank", killed.survivors)
         assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "2", point
+        assert _contents(root / "iter_0000002") == _contents(first / "iter_0000002"), point
+        if point not in RESUMED_AFTER:
+            continue
         resumed = _torchrun(flags + ["--save", str(root), "--load", str(root)], tmp_path / f"{point}_resumed.log")
         assert resumed.returncode == 0, (point, resumed.output[-4000:])
         assert "resumed from" in resumed.output and "iter_0000002" in resumed.output, point
