@@ -196,3 +196,16 @@ def test_sequence_parallel_without_tensor_parallel_is_refused():
         fused_vocab_parallel_logprobs(hidden, weight, labels, VOCAB, sequence_parallel=True)
     with pytest.raises(ValueError, match="labels"):
         fused_vocab_parallel_logprobs(hidden, weight, labels[:, :-1], VOCAB)
+
+
+def test_auto_keeps_the_fused_torch_kernel_until_the_triton_one_has_run_on_a_gpu(monkeypatch):
+    from megatron_psft.kernels import fused_logprobs
+
+    # As if on a CUDA tensor with triton installed, where the logits kernel's 'auto' picks Triton.
+    monkeypatch.setattr(fused_logprobs, "resolve_kernel", lambda kernel, tensor: "triton")
+    hidden = torch.zeros(2, 3)
+    monkeypatch.delenv("PSFT_LOGPROBS_KERNEL", raising=False)
+    assert fused_logprobs._fused_kernel(None, hidden) == fused_logprobs._fused_kernel("auto", hidden) == "torch"
+    assert fused_logprobs._fused_kernel("triton", hidden) == "triton"
+    monkeypatch.setenv("PSFT_LOGPROBS_KERNEL", "triton")
+    assert fused_logprobs._fused_kernel(None, hidden) == "triton"

@@ -9,8 +9,8 @@ output weight. Extra memory: one chunk of logits and its gradient, plus an fp32 
 weight's gradient when a bf16 weight's gradient comes from more than a few chunks. The price is one more
 output-layer matmul (the recompute).
 
-Two kernels, chosen as :mod:`~megatron_psft.kernels.logprobs` chooses (`kernel=`, ``$PSFT_LOGPROBS_KERNEL``;
-Triton for CUDA tensors under 'auto'): the Triton one (:mod:`~megatron_psft.kernels.fused_logprobs_triton`)
+Two kernels, chosen by `kernel=` or ``$PSFT_LOGPROBS_KERNEL`` ('auto' is the torch one until the Triton one
+has run on a GPU; 'triton' opts in): the Triton one (:mod:`~megatron_psft.kernels.fused_logprobs_triton`)
 computes the output layer tile by tile inside the kernels, so in forward no logits reach memory and in
 backward only their gradient does, one chunk at a time; the torch one multiplies a chunk of tokens by
 the weight with torch and runs the torch log-prob kernel on that chunk of logits. Either way the row
@@ -26,6 +26,7 @@ returns its final hidden states ``[b, s(/tp under SP), h]`` instead of logits, a
 """
 
 import contextlib
+import os
 from typing import Optional
 
 import torch
@@ -33,6 +34,7 @@ import torch.distributed as dist
 
 from megatron_psft.kernels.logprobs import (
     CHUNK_BUFFER_BYTES,
+    KERNEL_ENV,
     _check,
     combine_row_statistics,
     default_chunk_tokens,
@@ -49,6 +51,15 @@ from megatron_psft.kernels.logprobs import (
 # roundings stay within a few bf16 ulps of float64 (docs/kernels.md has the measured error); past that an
 # fp32 accumulator keeps the error from growing with the sequence length.
 LOW_PRECISION_ACCUMULATION_MAX_CHUNKS = 4
+
+
+def _fused_kernel(kernel: Optional[str], hidden: torch.Tensor) -> str:
+    """The fused path's kernel, chosen as :func:`resolve_kernel` chooses, except that 'auto' keeps the torch
+    path: the Triton one has run only under Triton's interpreter so far, and waits for the GPU tier
+    (tests/gpu/test_gpu_fused_logprobs.py) before it is anyone's default. 'triton' (or
+    ``$PSFT_LOGPROBS_KERNEL=triton``) opts in."""
+    kernel = kernel or os.environ.get(KERNEL_ENV) or "auto"
+    return "torch" if kernel == "auto" else resolve_kernel(kernel, hidden)
 
 
 def _fused_triton():
@@ -205,7 +216,7 @@ def fused_vocab_parallel_logprobs(
     out = _FusedOutputLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]), output_weight, labels.reshape(-1), group, vocab_start, valid_columns,
         vocab_size, with_entropy, chunk_tokens or max(1, CHUNK_BUFFER_BYTES // (output_weight.element_size() * columns)),
-        resolve_kernel(kernel, hidden),
+        _fused_kernel(kernel, hidden),
     )
     if with_entropy:
         return out[0].view(labels.shape), out[1].view(labels.shape)
