@@ -64,3 +64,17 @@ def run_distributed(world_size, fn, *args):
         raise AssertionError(f"rank {rank} failed:\n{trace}")
     assert len(results) == world_size, f"only ranks {sorted(results)} reported"
     return [results[r] for r in range(world_size)]
+
+
+def run_interpreted(world_size, fn, *args):
+    """:func:`run_distributed` with Triton's interpreter on in the ranks (``TRITON_INTERPRET=1`` in their
+    environment from the start: triton reads it when a kernel is defined, before any test code runs)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return run_distributed(world_size, fn, *args)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous

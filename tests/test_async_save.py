@@ -103,16 +103,17 @@ def cases(tmp_path_factory):
     return tmp, run_distributed(2, _async_cases, tmp, data_prefix)
 
 
-def _records(tmp, name):
+def _compared(tmp, name):
+    """The compared metrics of the six steps a run logged."""
     with open(os.path.join(tmp, f"{name}.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6], name
+    return [{key: r[key] for key in COMPARED} for r in records]
 
 
 def test_async_training_equals_sync_training_bit_for_bit(cases):
     tmp, _ = cases
-    sync, background = _records(tmp, "sync"), _records(tmp, "async")
-    assert [r["step"] for r in background] == [1, 2, 3, 4, 5, 6]
-    assert [{k: r[k] for k in COMPARED} for r in background] == [{k: r[k] for k in COMPARED} for r in sync]
+    assert _compared(tmp, "async") == _compared(tmp, "sync")
 
 
 def test_async_checkpoints_load_to_the_sync_checkpoints_weights(cases):
@@ -124,9 +125,7 @@ def test_async_checkpoints_load_to_the_sync_checkpoints_weights(cases):
 
 def test_a_resume_from_an_async_checkpoint_equals_the_uninterrupted_run(cases):
     tmp, _ = cases
-    resumed, straight = _records(tmp, "resumed"), _records(tmp, "sync")
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
-    assert [{k: r[k] for k in COMPARED} for r in resumed] == [{k: r[k] for k in COMPARED} for r in straight]
+    assert _compared(tmp, "resumed") == _compared(tmp, "sync")
 
 
 def test_latest_moves_only_once_every_rank_has_written_the_save(cases):

@@ -17,7 +17,7 @@ import importlib.util
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import run_interpreted
 from test_logprobs import BACKWARD_MODES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -113,12 +113,7 @@ def _all_cases():
 
 @pytest.fixture(scope="module")
 def per_rank():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")  # the spawned ranks inherit it before they import anything
-    try:
-        return run_distributed(2, _all_cases)
-    finally:
-        mp.undo()
+    return run_interpreted(2, _all_cases)
 
 
 def _worst(per_rank, dtype):

@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 import torch
 
-from distributed import run_distributed
+from distributed import run_interpreted
 from test_logprobs import BACKWARD_MODES, _reference, _upstream
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -137,12 +137,7 @@ def _all_cases():
 
 @pytest.fixture(scope="module")
 def per_rank():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")  # the spawned ranks inherit it before they import anything
-    try:
-        return run_distributed(2, _all_cases)
-    finally:
-        mp.undo()
+    return run_interpreted(2, _all_cases)
 
 
 def _cases(per_rank, dtype):
