@@ -20,7 +20,7 @@ distributed optimizer on one H100 peaked at 44.6 GiB allocated; this estimate gi
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from megatron_psft.data.blend import epochs_over_run, normalized_weights
 from megatron_psft.data.format import dataset_paths, read_meta
@@ -199,9 +199,7 @@ def _data_lines(data, train_iters: int) -> List[str]:
     prefixes, weights = data.blend
     if not prefixes:
         return []
-    metas = [read_meta(dataset_paths(prefix)["meta.json"]) if os.path.exists(dataset_paths(prefix)["meta.json"])
-             else None for prefix in prefixes]
-    sizes = [meta["num_samples"] if meta else None for meta in metas]
+    sizes = [_samples_in(prefix) for prefix in prefixes]
     known = None not in sizes
     shares = normalized_weights(weights, sizes) if weights is not None or known else [None] * len(prefixes)
     epochs = (epochs_over_run(weights, sizes, train_iters * data.global_batch_size) if known
@@ -214,6 +212,12 @@ def _data_lines(data, train_iters: int) -> List[str]:
                     else f"{size} samples" if size is not None else "not read (no meta.json here)")
         lines.append(f"  {label:<12} {prefix}: {weight}, {over_run}")
     return lines
+
+
+def _samples_in(prefix: str) -> Optional[int]:
+    """The samples of the preprocessed data at `prefix`, from its meta.json; None where it is not on this machine."""
+    meta_path = dataset_paths(prefix)["meta.json"]
+    return read_meta(meta_path)["num_samples"] if os.path.exists(meta_path) else None
 
 
 def _batch_line(data, sizes: Sizes) -> str:

@@ -94,11 +94,10 @@ class BlendedDataset:
 
     def __init__(self, prefixes: Sequence[str], datasets: Sequence[SFTDataset], weights: Optional[Sequence[float]]):
         check_sources_agree(prefixes, [dataset.meta for dataset in datasets])
-        self.prefixes, self.datasets = list(prefixes), list(datasets)
-        self.names = source_names(prefixes)
-        self.weights = normalized_weights(weights, [len(dataset) for dataset in datasets])
-        self.schedule = BlendSchedule(weights if weights is not None else [len(dataset) for dataset in datasets])
-        self.offsets = np.cumsum([0] + [len(dataset) for dataset in datasets])
+        self.datasets, self.names = list(datasets), source_names(prefixes)
+        sizes = [len(dataset) for dataset in datasets]
+        self.schedule = BlendSchedule(blend_weights(weights, sizes))
+        self.offsets = np.cumsum([0] + sizes)
         self.meta = datasets[0].meta
 
     def __len__(self) -> int:
@@ -141,17 +140,22 @@ class BlendedDataset:
         return counts
 
 
-def normalized_weights(weights: Optional[Sequence[float]], sizes: Sequence[int]) -> List[float]:
-    """The blend's weights summing to 1; without weights, each source in proportion to its samples (as
+def blend_weights(weights: Optional[Sequence[float]], sizes: Sequence[int]) -> List[float]:
+    """The weights a blend draws by: the given ones, or without them each source's number of samples (as
     Megatron blends an unweighted ``--data-path`` list)."""
-    raw = list(weights) if weights is not None else list(sizes)
+    return list(weights) if weights is not None else list(sizes)
+
+
+def normalized_weights(weights: Optional[Sequence[float]], sizes: Sequence[int]) -> List[float]:
+    """The blend's weights (:func:`blend_weights`) summing to 1."""
+    raw = blend_weights(weights, sizes)
     total = float(sum(raw))
     return [float(weight) / total for weight in raw]
 
 
 def epochs_over_run(weights: Optional[Sequence[float]], sizes: Sequence[int], samples: int) -> List[float]:
     """Each source's epochs over a run of `samples` blended samples."""
-    draws = BlendSchedule(weights if weights is not None else sizes).draws(samples)
+    draws = BlendSchedule(blend_weights(weights, sizes)).draws(samples)
     return [count / size for count, size in zip(draws, sizes)]
 
 
