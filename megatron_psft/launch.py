@@ -20,7 +20,7 @@ from megatron_psft.config import ConfigError, TrainConfig
 from megatron_psft.config.flags import CommandLine, parse_config, refuse
 from megatron_psft.data import SFTDataset, check_tokenizer
 from megatron_psft.data.blend import BlendedDataset
-from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, padded_vocab_size, transformer_config
+from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, load_hf_config, transformer_config, vocab_columns
 from megatron_psft.plan import GiB, Sizes, memory_per_gpu
 from megatron_psft.platform.precision import parse_dtype
 
@@ -69,9 +69,8 @@ def resolve(config: TrainConfig, platform: Optional[platforms.Platform] = None, 
     source = resume_from or weights_from
     hf_config = checkpoint.read_hf_config(source) if source else load_hf_config(config.model.hf_config)
     model_args = Qwen3MoeArgs.from_hf_config(hf_config)
-    vocab_columns = padded_vocab_size(model_args.vocab_size, sizes.tensor) // sizes.tensor  # --fused-logprobs auto
-    config = config.replace(model=config.model.settle_fused_logprobs(data.seq_length * data.micro_batch_size,
-                                                                     vocab_columns))
+    config = config.replace(model=config.model.settle_fused_logprobs(  # --fused-logprobs auto, for these shapes
+        data.seq_length * data.micro_batch_size, vocab_columns(model_args.vocab_size, sizes.tensor)))
     launch = Launch(config, platform, sizes, hf_config, model_args, _transformer_config(config, model_args, platform),
                     resume_from, weights_from, planned)
     if planned:

@@ -33,12 +33,12 @@ import torch
 from megatron_psft.platform import parallel
 from megatron_psft.psft import routing
 from megatron_psft.config import OBJECTIVES, ObjectiveConfig, OldPolicyConfig
-from megatron_psft.config.model import fused_logprobs_pays
+from megatron_psft.config.model import fused_logprobs_on
 from megatron_psft.psft.objectives import make_loss_func
 from megatron_psft.psft.old_policy import RoundSchedule
 from megatron_psft.engine.optimizer import unwrap
 from megatron_psft.engine.step import output_logprobs, stage_output
-from megatron_psft.models.qwen3_moe import padded_vocab_size
+from megatron_psft.models.qwen3_moe import vocab_columns
 
 TRAINER_ALTERNATIVE = ("use megatron-psft's own trainer (python -m megatron_psft.train), which runs the old-policy "
                        "pass through the pipeline schedule")
@@ -351,20 +351,13 @@ def forward_step_from_args(args: argparse.Namespace) -> PsftForwardStep:
         from megatron.training import get_tokenizer
 
         vocab_size = get_tokenizer().vocab_size
-    settings = HookSettings(vocab_size, fused_logprobs=_fused_logprobs(args, vocab_size),
-                            replay_routing=args.moe_router_replay,
+    fused_logprobs = fused_logprobs_on(args.fused_logprobs, args.seq_length * args.micro_batch_size,
+                                       vocab_columns(vocab_size, args.tensor_model_parallel_size),
+                                       args.params_dtype.itemsize)  # auto: the trainer's rule, for these shapes
+    settings = HookSettings(vocab_size, fused_logprobs=fused_logprobs, replay_routing=args.moe_router_replay,
                             routing_flip_stats=args.moe_routing_flip_stats)
     return PsftForwardStep(_section_from_args(ObjectiveConfig, args), _section_from_args(OldPolicyConfig, args),
                            settings)
-
-
-def _fused_logprobs(args: argparse.Namespace, vocab_size: int) -> bool:
-    """--fused-logprobs settled for Megatron-LM's shapes, by the trainer's rule for auto."""
-    if args.fused_logprobs != "auto":
-        return args.fused_logprobs == "on"
-    tensor = args.tensor_model_parallel_size
-    vocab_columns = padded_vocab_size(vocab_size, tensor) // tensor
-    return fused_logprobs_pays(args.seq_length * args.micro_batch_size, vocab_columns, args.params_dtype.itemsize)
 
 
 # Megatron-LM arguments (as its checkpoints save them) whose values megatron-psft's Qwen3 model cannot honour.

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 from megatron_psft.data.blend import epochs_over_run, normalized_weights
 from megatron_psft.data.format import dataset_paths, read_meta
 from megatron_psft.kernels.logprobs import CHUNK_BUFFER_BYTES
-from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, padded_vocab_size
+from megatron_psft.models.qwen3_moe import Qwen3MoeArgs, padded_vocab_size, vocab_columns
 from megatron_psft.platform.parallel import ParallelLayout
 from megatron_psft.platform import Platform
 
@@ -137,13 +137,13 @@ def memory_per_gpu(args: Qwen3MoeArgs, config, sizes: Sizes, platform: Platform,
     micro_batches = global_batch // (sizes.data * micro_batch)
     in_flight = min(sizes.pipeline, micro_batches)  # 1F1B: the first stage holds one per stage ahead
 
-    vocab_columns = padded_vocab_size(args.vocab_size, sizes.tensor) // sizes.tensor
-    logits = element * tokens * vocab_columns
-    buffers = 2 * min(CHUNK_BUFFER_BYTES, 4 * tokens * vocab_columns)
-    output_weight_grad = 0 if config.gradient_accumulation_fusion else element * vocab_columns * args.hidden_size
+    columns = vocab_columns(args.vocab_size, sizes.tensor)
+    logits = element * tokens * columns
+    buffers = 2 * min(CHUNK_BUFFER_BYTES, 4 * tokens * columns)
+    output_weight_grad = 0 if config.gradient_accumulation_fusion else element * columns * args.hidden_size
     if fused_logprobs:  # one chunk of logits at a time, and at most an fp32 accumulator of the weight's gradient
         logits = min(logits, CHUNK_BUFFER_BYTES)
-        output_weight_grad += 4 * vocab_columns * args.hidden_size
+        output_weight_grad += 4 * columns * args.hidden_size
     logprob_working_set = 2 * logits + buffers + output_weight_grad
     attention_backward = 0 if flash else (element + 8) * args.num_attention_heads // sizes.tensor * seq_length**2 * micro_batch
     parts = {

@@ -33,6 +33,12 @@ def fused_logprobs_pays(tokens: int, vocab_columns: int, element_bytes: int) -> 
     return tokens * vocab_columns * element_bytes > AUTO_FUSED_LOGITS_BYTES
 
 
+def fused_logprobs_on(mode: str, tokens: int, vocab_columns: int, element_bytes: int) -> bool:
+    """--fused-logprobs `mode` (off, on, auto) for micro-batches of `tokens` tokens over `vocab_columns`
+    `element_bytes`-wide logits: whether the log-probs are fused with the output layer."""
+    return mode == "on" or (mode == "auto" and fused_logprobs_pays(tokens, vocab_columns, element_bytes))
+
+
 @dataclass(frozen=True)
 class ModelConfig(Section):
     hf_config: str = "debug"  # HF config.json, HF model dir, or a bundled flavour (debug, 30b-a3b)

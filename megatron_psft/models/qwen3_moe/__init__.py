@@ -6,7 +6,8 @@ from megatron_psft.models.qwen3_moe.model import (
     build_model_chunks,
     padded_vocab_size,
     transformer_config,
+    vocab_columns,
 )
 
 __all__ = ["Qwen3MoeArgs", "build_model", "build_model_chunks", "load_hf_config", "padded_vocab_size",
-           "transformer_config"]
+           "transformer_config", "vocab_columns"]

@@ -21,6 +21,11 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int, divisible_by: int =
     return -(-vocab_size // multiple) * multiple
 
 
+def vocab_columns(vocab_size: int, tensor_parallel: int) -> int:
+    """The columns of one TP rank's slice of the padded vocabulary: the width of its logits."""
+    return padded_vocab_size(vocab_size, tensor_parallel) // tensor_parallel
+
+
 def _check_layout(args: Qwen3MoeArgs, layout: ParallelLayout) -> None:
     """Refuse a layout the model's shapes cannot take, naming the flags."""
     if args.is_moe and layout.tensor > 1 and not layout.sequence_parallel:
