@@ -446,18 +446,21 @@ def saved_settings(saved_trainer_state: dict) -> dict:
     return settings
 
 
-def layout_changes(config, world_size: int, saved_trainer_state: dict) -> dict:
-    """The parallel settings that differ from the checkpoint's: {key: (saved, now)}."""
+def changed_settings(config, world_size: int, saved_trainer_state: dict, keys) -> dict:
+    """The settings among `keys` that differ from the checkpoint's: {key: (saved, now)}."""
     saved, now = saved_settings(saved_trainer_state), {**config.flat(), "world_size": world_size}
-    return {key: (saved[key], now[key]) for key in LAYOUT_KEYS if key in saved and saved[key] != now[key]}
+    return {key: (saved[key], now[key]) for key in keys if key in saved and saved[key] != now[key]}
+
+
+def saved_optimizer_sharding(saved_trainer_state: dict) -> str:
+    """The form the checkpoint's distributed optimizer state was saved in (before it was recorded: dp_reshardable)."""
+    return saved_trainer_state.get("optimizer_sharding", LEGACY_OPTIMIZER_SHARDING)
 
 
 def check_resume(config, world_size: int, saved_trainer_state: dict, saved_schedule: dict, schedule: dict) -> None:
     """Refuse a resume whose settings differ from its checkpoint's, saying what changed and how to go on."""
-    saved, now = saved_settings(saved_trainer_state), {**config.flat(), "world_size": world_size}
-
     def changed(keys):
-        return {key: (saved[key], now[key]) for key in keys if key in saved and saved[key] != now[key]}
+        return changed_settings(config, world_size, saved_trainer_state, keys)
 
     data_settings = changed(RESUME_INVARIANTS)
     if data_settings:  # the data position and the saved old-policy round depend on them
@@ -471,8 +474,8 @@ def check_resume(config, world_size: int, saved_trainer_state: dict, saved_sched
     if precision:
         raise ValueError(f"the checkpoint's optimizer state was saved at another precision / optimizer; changed "
                          f"(saved, now): {precision}. {how_to_go_on}")
-    sharding = saved_trainer_state.get("optimizer_sharding", LEGACY_OPTIMIZER_SHARDING)
-    layout = layout_changes(config, world_size, saved_trainer_state)
+    sharding = saved_optimizer_sharding(saved_trainer_state)
+    layout = changed(LAYOUT_KEYS)
     if layout and sharding not in RESHARDABLE_OPTIMIZER_FORMATS:
         raise ValueError(f"the checkpoint's optimizer and per-rank state were saved ({sharding}) at another layout; "
                          f"changed (saved, now): {layout}. {how_to_go_on}")
@@ -536,12 +539,11 @@ def resume(root: str, config, model_chunks, optimizer, scheduler, frozen_chunks,
         return step
     scheduler.override_opt_param_scheduler = settings.override_opt_param_scheduler
     scheduler.use_checkpoint_opt_param_scheduler = settings.use_checkpoint_opt_param_scheduler
-    sharding = saved["trainer_state"].get("optimizer_sharding", LEGACY_OPTIMIZER_SHARDING)
-    layout = layout_changes(config, world_size, saved["trainer_state"])
+    layout = changed_settings(config, world_size, saved["trainer_state"], LAYOUT_KEYS)
     if layout:
         _check_optimizer_parts(saved["trainer_state"], optimizer, layout)
     trainer_state = load_training_state(root, model_chunks, optimizer, scheduler, frozen_chunks=frozen_chunks,
-                                        optimizer_sharding=sharding)
+                                        optimizer_sharding=saved_optimizer_sharding(saved["trainer_state"]))
     if layout:
         parallel.print_rank_last(f"resharded from {resolve(root)} at step {trainer_state['step']}: changed (saved, "
                                  f"now) {layout}; RNG from the seed, the round's old log-probs recomputed")

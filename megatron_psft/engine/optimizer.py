@@ -90,7 +90,9 @@ def init_state_for_loading(optimizer) -> None:
     """Create Adam's empty state, which the sharded optimizer state dict is built from before loading.
     Megatron's init_state_fn leaves out torch Adam's per-parameter ``step`` (kept per group by the
     Apex/TE Adams), which the distributed optimizer reads without them."""
-    for sub in _torch_adams(optimizer, init=True):
+    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+        sub.init_state_fn(sub.optimizer, sub.config)
+    for sub in _torch_adams(optimizer):
         for state in sub.optimizer.state.values():
             state.setdefault("step", torch.tensor(0.0))
 
@@ -118,14 +120,10 @@ def reshardable_load_keeps_adam_step(optimizer):
             del sub._set_main_param_and_optimizer_states
 
 
-def _torch_adams(optimizer, init: bool = False):
-    """The chained sub-optimizers (or the optimizer itself) that wrap torch's Adam; with `init`, every
-    sub-optimizer's empty state is created first."""
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if init:
-            sub.init_state_fn(sub.optimizer, sub.config)
-        if isinstance(sub.optimizer, torch.optim.Adam):
-            yield sub
+def _torch_adams(optimizer) -> list:
+    """The chained sub-optimizers (or the optimizer itself) that wrap torch's Adam."""
+    return [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(sub.optimizer, torch.optim.Adam)]
 
 
 def restore_adam_steps(optimizer) -> None:
