@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from megatron_psft.kernels.logprobs import rescaled_statistics
-from megatron_psft.kernels.logprobs_triton import logits_grad_formula
+from megatron_psft.kernels.logprobs_triton import logits_grad_formula, online_softmax_update
 
 # Tile sizes: a [64, 128] fp32 logits tile and [64|128, 64] operand tiles keep the tensor cores fed
 # from shared memory. The tests shrink them to tl.dot's minimum, 16, to have several ragged tiles.
@@ -79,18 +79,7 @@ def _forward_kernel(hidden_ptr, weight_ptr, label_ptr, stats_ptr, tokens, hidden
                          weight_stride, BLOCK_T, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
         x = tl.where(column_mask[None, :], x, -float("inf"))
         target += tl.sum(tl.where(columns[None, :] == labels[:, None], x, 0.0), axis=1)
-        # Every tile holds a real column, so the new max is finite (for finite logits).
-        new_max = tl.maximum(running_max, tl.max(x, axis=1))
-        offset = running_max - new_max  # -inf on the first tile, where the sums are still 0
-        rescale = tl.exp(offset)
-        shifted = x - new_max[:, None]
-        exp = tl.exp(shifted)
-        if WITH_ENTROPY:
-            # sum e^(x-m)(x-m) moved to the new max m': e^(m-m') (S + (m-m') Z); 0, not -inf * 0, at first
-            sum_px = tl.where(sum_exp > 0, rescale * (sum_px + offset * sum_exp), 0.0)
-            sum_px += tl.sum(exp * tl.where(column_mask[None, :], shifted, 0.0), axis=1)
-        sum_exp = sum_exp * rescale + tl.sum(exp, axis=1)
-        running_max = new_max
+        running_max, sum_exp, sum_px = online_softmax_update(running_max, sum_exp, sum_px, x, 1, WITH_ENTROPY)
     out = stats_ptr + split * tokens + rows
     split_stride = tl.num_programs(1) * tokens
     tl.store(out, running_max, mask=row_mask)

@@ -23,6 +23,24 @@ def default_block_columns(columns: int) -> int:
 
 
 @triton.jit
+def online_softmax_update(running_max, sum_exp, sum_px, x, AXIS: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+    """Fold fp32 logits `x` (-inf where masked) along `AXIS` into the running ``(max, sum e^(x-max),
+    sum e^(x-max)(x-max))``; returns the three updated. Shared with the fused output-layer kernel."""
+    new_max = tl.maximum(running_max, tl.max(x, axis=AXIS))
+    # A row whose columns so far are all -inf keeps max -inf: shift by 0 then, not by -inf (NaN).
+    shift = tl.where(new_max == -float("inf"), 0.0, new_max)
+    rescale = tl.exp(running_max - shift)
+    shifted = x - tl.expand_dims(shift, AXIS)
+    exp = tl.exp(shifted)
+    if WITH_ENTROPY:
+        # sum e^(x-m)(x-m) moved from the old max m to the new one m': e^(m-m') (S + (m-m') Z)
+        sum_px = tl.where(sum_exp > 0, rescale * (sum_px + (running_max - shift) * sum_exp), 0.0)
+        sum_px += tl.sum(exp * tl.where(exp > 0, shifted, 0.0), axis=AXIS)  # 0, not 0 * -inf, at -inf
+    sum_exp = sum_exp * rescale + tl.sum(exp, axis=AXIS)
+    return new_max, sum_exp, sum_px
+
+
+@triton.jit
 def _row_statistics_kernel(logits_ptr, row_stride, valid_columns, row_max_ptr, sum_exp_ptr, sum_px_ptr,
                            WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row * row_stride passes 2**31 at long sequences
@@ -34,18 +52,7 @@ def _row_statistics_kernel(logits_ptr, row_stride, valid_columns, row_max_ptr, s
     for start in range(0, valid_columns, BLOCK):
         columns = start + offsets
         x = tl.load(row_ptr + columns, mask=columns < valid_columns, other=-float("inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        # A row whose columns so far are all -inf keeps max -inf: shift by 0 then, not by -inf (NaN).
-        shift = tl.where(new_max == -float("inf"), 0.0, new_max)
-        rescale = tl.exp(running_max - shift)
-        shifted = x - shift
-        exp = tl.exp(shifted)
-        if WITH_ENTROPY:
-            # sum e^(x-m)(x-m) moved from the old max m to the new one m': e^(m-m') (S + (m-m') Z)
-            sum_px = tl.where(sum_exp > 0, rescale * (sum_px + (running_max - shift) * sum_exp), 0.0)
-            sum_px += tl.sum(exp * tl.where(exp > 0, shifted, 0.0), axis=0)  # 0, not 0 * -inf, at -inf
-        sum_exp = sum_exp * rescale + tl.sum(exp, axis=0)
-        running_max = new_max
+        running_max, sum_exp, sum_px = online_softmax_update(running_max, sum_exp, sum_px, x, 0, WITH_ENTROPY)
     tl.store(row_max_ptr + row, running_max)
     tl.store(sum_exp_ptr + row, sum_exp)
     if WITH_ENTROPY:
