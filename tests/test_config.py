@@ -107,6 +107,21 @@ def test_every_setting_has_its_flag_and_every_flag_its_setting():
         assert TrainConfig().flag(key) in option.option_strings, key
 
 
+def test_every_flag_is_documented():
+    """The trainer's flags are listed in the README's flags table, the Megatron-LM hook's in its docs page."""
+    import argparse
+
+    from megatron_psft.megatron_lm import add_psft_arguments
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for parser, page in [(build_parser(), "README.md"), (add_psft_arguments(argparse.ArgumentParser()),
+                                                          "docs/megatron_lm.md")]:
+        with open(os.path.join(root, page)) as text:
+            documented = text.read()
+        options = {option for action in parser._actions for option in action.option_strings if option.startswith("--") and option != "--help"}
+        assert {option for option in options if f"`{option}" not in documented} == set(), page
+
+
 def test_configuration_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().data.seq_length = 8
