@@ -99,6 +99,8 @@ def test_every_sample_of_a_source_is_drawn_once_per_epoch_of_that_source(sources
     in_small = [index for index in indices if index >= len(datasets[0])]
     assert counts["data/1-chat/samples"] == len(in_small)
     assert counts["data/0-chat/tokens"] + counts["data/1-chat/tokens"] == sum(len(blend[i][0]) for i in indices)
+    assert counts["data/1-chat/trained_tokens"] == sum(int(blend[i][1][1:].sum()) for i in in_small)
+    assert counts["data/0-chat/trained_tokens"] == sum(int(blend[i][1][1:].sum()) for i in indices if i not in in_small)
 
 
 def test_one_source_draws_exactly_the_unblended_stream(sources):
@@ -206,3 +208,6 @@ def test_the_trainer_on_a_blend_counts_each_source_and_resumes_exactly(sources):
     for record in straight:
         expected = np.subtract(schedule.draws(8 * record["step"]), schedule.draws(8 * (record["step"] - 1)))
         assert [record["data/0-chat/samples"], record["data/1-chat/samples"]] == expected.tolist()
+        # the sources' loss-carrying tokens are the step's: each trained token is counted once, under its source
+        assert record["data/0-chat/trained_tokens"] + record["data/1-chat/trained_tokens"] == \
+            record["trained_tokens_total"]

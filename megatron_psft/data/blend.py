@@ -128,15 +128,18 @@ class BlendedDataset:
         return indices.tolist()
 
     def batch_counts(self, step: int, global_batch_size: int, seed: int) -> Dict[str, int]:
-        """Per-source samples and tokens of global batch `step` (``data/NAME/samples``, ``data/NAME/tokens``);
-        empty for a single source, whose counts are the batch's own."""
+        """Per source, global batch `step`'s samples, their tokens and the tokens that carry a loss
+        (``data/NAME/samples``, ``data/NAME/tokens``, ``data/NAME/trained_tokens``); empty for a single
+        source, whose counts are the batch's own."""
         if len(self.datasets) == 1:
             return {}
-        counts = {f"data/{name}/{what}": 0 for name in self.names for what in ("samples", "tokens")}
+        counts = {f"data/{name}/{what}": 0 for name in self.names for what in ("samples", "tokens", "trained_tokens")}
         for index in self.batch_indices(step, global_batch_size, seed):
-            name = self.names[self.source_of(index)[0]]
+            source, sample = self.source_of(index)
+            name = self.names[source]
             counts[f"data/{name}/samples"] += 1
-            counts[f"data/{name}/tokens"] += self.sample_length(index)
+            counts[f"data/{name}/tokens"] += self.datasets[source].sample_length(sample)
+            counts[f"data/{name}/trained_tokens"] += self.datasets[source].trained_tokens(sample)
         return counts
 
 

@@ -142,6 +142,10 @@ class SFTDataset:
     def sample_length(self, i: int) -> int:
         return int(self.offsets[i + 1] - self.offsets[i])
 
+    def trained_tokens(self, i: int) -> int:
+        """The positions of sample `i` that carry a loss: its mask after the first token (the shifted labels')."""
+        return int(np.count_nonzero(self.mask[self.offsets[i] + 1:self.offsets[i + 1]]))
+
     def _check_contents(self, prefix, model_vocab_size):
         """Every id < vocab size and every mask byte in {0, 1}: O(num_tokens), once, vectorised."""
         vocab_size, whose = self.meta["vocab_size"], "meta.json's vocab_size"
