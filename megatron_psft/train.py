@@ -92,10 +92,17 @@ class Trainer:
         self.memory_reported = False
         self.background_saves = checkpoint.BackgroundSaves() if config.checkpoint.async_save else None
 
-    def micro_batches(self, step: int) -> List[dict]:
-        """This data-parallel rank's share of global batch `step`, as micro-batches."""
-        indices = self.dataset.batch_indices(step, self.config.data.global_batch_size, self.config.training.seed)
+    def global_batch(self, step: int) -> List[int]:
+        """The sample indices of global batch `step`."""
+        return self.dataset.batch_indices(step, self.config.data.global_batch_size, self.config.training.seed)
+
+    def rank_share(self, indices: List[int]) -> List[dict]:
+        """This data-parallel rank's share of a global batch's `indices`, as micro-batches."""
         return rank_micro_batches(self.dataset, indices, self.batching, parallel.device())
+
+    def micro_batches(self, step: int) -> List[dict]:
+        """This data-parallel rank's share of global batch `step` (what the old-policy look-ahead reads)."""
+        return self.rank_share(self.global_batch(step))
 
     def train_one_step(self) -> dict:
         config, step = self.config, self.step
@@ -103,7 +110,8 @@ class Trainer:
         objective = ObjectiveConfig("sft") if in_warmup else self.objective
         start = time.perf_counter()
         with self.timers("data"):
-            micro_batches = self.micro_batches(step)
+            indices = self.global_batch(step)
+            micro_batches = self.rank_share(indices)
         with self.timers("old-policy"):
             self.passes.attach(step, objective, micro_batches)
         if config.training.sft_warmup_lr is not None:  # one schedule over the run; its peak differs per phase
@@ -121,7 +129,7 @@ class Trainer:
         response = record.pop("response_token_counts_total", None)
         if clipped is not None and self.clipped_tokens:
             self.clipped_tokens.write(self.step, clipped, response)
-        record.update(self.dataset.batch_counts(step, config.data.global_batch_size, config.training.seed))
+        record.update(self.dataset.batch_counts(indices))
         record.update(self.timers.collect())
         if not self.memory_reported:
             self.memory_reported = True

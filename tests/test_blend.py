@@ -94,8 +94,8 @@ def test_every_sample_of_a_source_is_drawn_once_per_epoch_of_that_source(sources
     assert len(set(big_draws)) == 300  # fewer draws than samples: no repeats
     assert blend[len(datasets[0]) + 3][0].tolist() == datasets[1][3][0].tolist()
     # Per-source counts of a batch, against the samples themselves.
-    counts = blend.batch_counts(7, batch, seed=5)
     indices = blend.batch_indices(7, batch, seed=5)
+    counts = blend.batch_counts(indices)
     in_small = [index for index in indices if index >= len(datasets[0])]
     assert counts["data/1-chat/samples"] == len(in_small)
     assert counts["data/0-chat/tokens"] + counts["data/1-chat/tokens"] == sum(len(blend[i][0]) for i in indices)
@@ -109,7 +109,7 @@ def test_one_source_draws_exactly_the_unblended_stream(sources):
     blend = BlendedDataset([big], [dataset], None)
     for step in (0, 3, 17):
         assert blend.batch_indices(step, 64, seed=11) == global_batch_indices(len(dataset), 64, step, 11)
-    assert blend.batch_counts(0, 64, 11) == {}
+    assert blend.batch_counts(blend.batch_indices(0, 64, 11)) == {}
 
 
 def test_source_names_are_the_prefixes_file_names_numbered_when_they_clash():

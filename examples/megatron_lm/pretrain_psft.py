@@ -20,6 +20,7 @@ Without a GPU it runs on CPU processes over gloo (examples/megatron_lm/cpu.py). 
 wheel with ``megatron.training`` and ``pretrain(cfg_container, ...)``: 0.18 or later (Python 3.12).
 """
 
+import functools
 import os
 import sys
 
@@ -79,7 +80,11 @@ class TrainerOrderDataset(torch.utils.data.Dataset):
         rank, row = divmod(within, self.micro_batch_size)
         share = self.global_batch_size // self.data_parallel_size
         trainer_offset = rank * share + micro_batch * self.micro_batch_size + row
-        return self.samples.batch_indices(step, self.global_batch_size, self.seed)[trainer_offset]
+        return self._global_batch(step)[trainer_offset]
+
+    @functools.lru_cache(maxsize=2)  # every row of a global batch reads it: drawn once, not once per row
+    def _global_batch(self, step: int) -> list:
+        return self.samples.batch_indices(step, self.global_batch_size, self.seed)
 
     def __getitem__(self, position: int) -> dict:
         rows = collate([self.samples[self.sample_of(position)]], self.seq_length, self.samples.meta["pad_id"])

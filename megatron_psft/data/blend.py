@@ -127,14 +127,14 @@ class BlendedDataset:
             indices[taken] = stream_samples(len(self.datasets[source]), draws[taken], key) + self.offsets[source]
         return indices.tolist()
 
-    def batch_counts(self, step: int, global_batch_size: int, seed: int) -> Dict[str, int]:
-        """Per source, global batch `step`'s samples, their tokens and the tokens that carry a loss
-        (``data/NAME/samples``, ``data/NAME/tokens``, ``data/NAME/trained_tokens``); empty for a single
-        source, whose counts are the batch's own."""
+    def batch_counts(self, indices: Sequence[int]) -> Dict[str, int]:
+        """Per source, the samples among a global batch's `indices` (:meth:`batch_indices`), their tokens and
+        the tokens that carry a loss (``data/NAME/samples``, ``data/NAME/tokens``, ``data/NAME/trained_tokens``);
+        empty for a single source, whose counts are the batch's own."""
         if len(self.datasets) == 1:
             return {}
         counts = {f"data/{name}/{what}": 0 for name in self.names for what in ("samples", "tokens", "trained_tokens")}
-        for index in self.batch_indices(step, global_batch_size, seed):
+        for index in indices:
             source, sample = self.source_of(index)
             name = self.names[source]
             counts[f"data/{name}/samples"] += 1
