@@ -15,7 +15,6 @@ save call, and what the end of the run (its last save and the wait for it) took.
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -23,12 +22,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_flags(args, data_prefix: str, save_dir: str) -> list:
@@ -110,6 +103,8 @@ def main():
     assert args.steps >= 3 * args.save_interval, "the timed save (the second) with steps after it"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from distributed import free_port  # imports torch: after the environment above
+
     os.environ.setdefault("MASTER_PORT", str(free_port()))  # the single-process group's; another run may hold 29500
     from bundled import preprocess_bundled_data
 

@@ -21,7 +21,6 @@ import ctypes.util
 import gc
 import os
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -90,12 +89,6 @@ def record_memory_every(trainer, interval: int, samples: list) -> None:
     trainer.train_one_step = sampled_step
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_flags(args, work: str) -> list:
     from bundled import preprocess_bundled_data
 
@@ -157,6 +150,8 @@ def main():
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from distributed import free_port  # imports torch: after the environment above
+
     os.environ.setdefault("MASTER_PORT", str(free_port()))  # the single-process group's; another run may hold 29500
 
     start = time.perf_counter()

@@ -12,7 +12,8 @@ import traceback
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now, for a launch's MASTER_PORT."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +42,7 @@ def run_distributed(world_size, fn, *args):
     `fn` must be a module-level function (it is pickled to spawned processes)."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    context = mp.start_processes(_worker, args=(world_size, _free_port(), fn, args, queue),
+    context = mp.start_processes(_worker, args=(world_size, free_port(), fn, args, queue),
                                  nprocs=world_size, join=False, start_method="spawn")
     results, errors = {}, []
 

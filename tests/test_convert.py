@@ -268,10 +268,10 @@ def test_export_reads_the_requested_iteration(work, per_rank, tmp_path):
 
 
 def test_verify_command_passes_on_the_conversion_and_fails_on_the_trained_weights(work, per_rank):
-    from distributed import _free_port
+    from distributed import free_port
 
     def verify(megatron_dir):
-        env = dict(os.environ, MASTER_PORT=str(_free_port()))
+        env = dict(os.environ, MASTER_PORT=str(free_port()))
         return subprocess.run([sys.executable, "-m", "checkpoint_convert.verify", "--hf-dir", work.moe.hf,
                                "--megatron-dir", megatron_dir], cwd=REPO, env=env, capture_output=True, text=True)
 

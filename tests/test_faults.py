@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import psutil
 import pytest
 
 from bundled import ROOT, preprocess_bundled_data
-from distributed import run_distributed
+from distributed import free_port, run_distributed
 
 SEQ = 64
 COMMON = ["--seq-length", str(SEQ), "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-3",
@@ -47,12 +46,6 @@ def _contents(directory):
 def _records(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kill_group(session_leader):
@@ -90,7 +83,7 @@ class _Launch:
     def __init__(self, trainer, flags, log_path, env=None):
         self.marker, self.log_path = uuid.uuid4().hex, log_path
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                   str(_free_port()), *trainer, *COMMON, *flags]
+                   str(free_port()), *trainer, *COMMON, *flags]
         process_env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", LAUNCH_MARKER: self.marker,
                        **(env or {})}
         with open(log_path, "w") as log:
