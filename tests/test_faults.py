@@ -338,24 +338,34 @@ def test_load_of_a_weights_only_checkpoint_starts_from_its_weights(resume_rules)
     assert [r["step"] for r in got] == [1] and got[0]["loss"] == want[0]["loss"]
 
 
+def _outliving_a_killed_rank(script, processes_of):
+    """Run `script` as a rank (in its own session); once it has printed its first line, SIGKILL it. Returns the
+    command lines of the processes `processes_of(rank_pid, first_line)` names that are alive 30 s later."""
+    rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
+    try:
+        processes = processes_of(rank.pid, rank.stdout.readline())
+        rank.kill()
+        rank.wait(timeout=30)
+        _, alive = psutil.wait_procs(processes, timeout=30)
+        return [p.cmdline() for p in alive]
+    finally:
+        _kill_group(rank.pid)  # whatever is left in the rank's group
+        rank.stdout.close()
+
+
 def test_the_checkpoint_writers_queue_process_dies_with_its_rank(tmp_path):
     """megatron-core's writer queue lives in a Manager process of each saving rank; a rank killed by
     SIGKILL must not leave it (or its resource tracker) behind."""
     script = ("from megatron_psft import checkpoint; checkpoint.writer_queue_dies_with_this_process(); "
               "print(checkpoint._WRITER_QUEUE_MANAGER._process.pid, flush=True); import time; time.sleep(600)")
-    rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
-    try:
-        manager = psutil.Process(int(rank.stdout.readline()))
-        children = psutil.Process(rank.pid).children(recursive=True)
-        assert manager in children
-        rank.kill()
-        rank.wait(timeout=30)
-        _, alive = psutil.wait_procs(children, timeout=30)
-        assert not alive, [p.cmdline() for p in alive]
-    finally:
-        _kill_group(rank.pid)  # whatever is left in the rank's group
-        rank.stdout.close()
+
+    def rank_children(rank_pid, manager_pid):
+        children = psutil.Process(rank_pid).children(recursive=True)
+        assert psutil.Process(int(manager_pid)) in children
+        return children
+
+    assert _outliving_a_killed_rank(script, rank_children) == []
 
 
 WRITER_SCRIPT = """
@@ -378,14 +388,7 @@ time.sleep(600)
 def test_a_background_checkpoint_writer_and_the_processes_it_forks_die_with_their_rank():
     """--async-save writes from a process forked from each rank, which (0.16.1) forks one per file: a rank
     killed by SIGKILL mid-write must take them all with it."""
-    rank = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, start_new_session=True)
-    try:
-        writers = [psutil.Process(int(pid)) for pid in rank.stdout.readline().split()]
-        rank.kill()
-        rank.wait(timeout=30)
-        _, alive = psutil.wait_procs(writers, timeout=30)
-        assert not alive, [p.cmdline() for p in alive]
-    finally:
-        _kill_group(rank.pid)
-        rank.stdout.close()
+    def writers(rank_pid, writer_pids):
+        return [psutil.Process(int(pid)) for pid in writer_pids.split()]
+
+    assert _outliving_a_killed_rank(WRITER_SCRIPT, writers) == []
