@@ -281,10 +281,9 @@ def test_psft_flags_become_the_forward_step_settings():
     parser = add_psft_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--objective", "psft-ent", "--eps-high", "0.3", "--old-policy-interval", "never",
                               "--no-first-step-reuse", "--moe-router-replay", "--fused-logprobs"])
-    # Megatron-LM's own arguments, which pretrain() parses beside these
-    megatron_lm_args = dict(vocab_size=1000, seq_length=4096, micro_batch_size=1, tensor_model_parallel_size=1,
-                            params_dtype=torch.bfloat16)
-    vars(args).update(megatron_lm_args)
+    # Megatron-LM's own arguments, which pretrain() parses beside these (--fused-logprobs auto reads the shapes)
+    vars(args).update(vocab_size=1000, seq_length=4096, micro_batch_size=1, tensor_model_parallel_size=1,
+                      params_dtype=torch.bfloat16)
     step = forward_step_from_args(args)
     assert step.objective == ObjectiveConfig("psft-ent", eps_high=0.3)
     assert step.schedule.interval is None and not step.schedule.reuse_first_step
@@ -293,25 +292,6 @@ def test_psft_flags_become_the_forward_step_settings():
     assert not parser.parse_args([]).moe_enable_routing_replay
     with pytest.raises(ValueError, match="old-policy-micro-batch-size"):
         type(step)(ObjectiveConfig(), OldPolicyConfig(old_policy_micro_batch_size=4), step.settings)
-
-
-@pytest.mark.parametrize("mode, seq_length, tensor_parallel, fused", [
-    ("off", 65536, 1, False), ("auto", 4096, 1, False), ("auto", 16384, 1, True), ("auto", 16384, 2, False),
-    ("auto", 32768, 2, True)])
-def test_fused_logprobs_auto_follows_the_trainers_rule_for_megatron_lm_shapes(mode, seq_length, tensor_parallel,
-                                                                              fused):
-    """auto fuses once one micro-batch's bf16 logits slice (Qwen3's 151,936-wide vocabulary over TP) would pass
-    4 GiB: seq 16k at TP1, 32k at TP2 (docs/kernels.md)."""
-    import argparse
-
-    import torch
-
-    from megatron_psft.megatron_lm import add_psft_arguments, forward_step_from_args
-
-    args = add_psft_arguments(argparse.ArgumentParser()).parse_args(["--fused-logprobs", mode])
-    vars(args).update(vocab_size=151936, seq_length=seq_length, micro_batch_size=1,
-                      tensor_model_parallel_size=tensor_parallel, params_dtype=torch.bfloat16)
-    assert forward_step_from_args(args).settings.fused_logprobs is fused
 
 
 def test_megatron_metrics_keep_what_megatron_reduces_exactly():
