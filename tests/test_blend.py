@@ -6,14 +6,12 @@ uninterrupted run."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from bundled import ASSETS, ROOT, preprocess_bundled_data
+from bundled import ASSETS, preprocess_bundled_data
 from distributed import run_distributed
 from megatron_psft.config import ConfigError, DataConfig
 from megatron_psft.data import SFTDataset, global_batch_indices
@@ -73,10 +71,7 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("blend")
     big = preprocess_bundled_data(str(root / "a" / "chat"), SEQ)
     _write_jsonl_subset(root / "small.jsonl", 40)
-    small = str(root / "b" / "chat")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input",
-                    str(root / "small.jsonl"), "--output-prefix", small, "--tokenizer", os.path.join(ASSETS, "tokenizer"),
-                    "--seq-length", str(SEQ)], check=True, capture_output=True)
+    small = preprocess_bundled_data(str(root / "b" / "chat"), SEQ, jsonl=str(root / "small.jsonl"))
     return root, big, small
 
 
