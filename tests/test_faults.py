@@ -176,9 +176,9 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_saves(tmp_
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
             assert launch.process.poll() is None and time.monotonic() < deadline, "training did not start"
             time.sleep(0.2)
-        workers = [p for p in psutil.Process(launch.process.pid).children(recursive=True)
-                   if "megatron_psft.train" in " ".join(p.cmdline())]
-        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        # torchrun's own children are the ranks; deeper down, a rank's forked checkpoint writer has the
+        # rank's command line and environment, and may be exiting (a zombie) as it is listed.
+        rank1 = next(p for p in psutil.Process(launch.process.pid).children() if p.environ().get("RANK") == "1")
         rank1.send_signal(signal.SIGTERM)  # as a preemption notice that reached one node first
     finally:
         run = launch.finish(timeout=300)
